@@ -1,0 +1,62 @@
+"""What every method is: an nn.Module with ``training_step`` and a few class attributes the
+trainer reads instead of branching on names."""
+
+from __future__ import annotations
+
+from typing import ClassVar, NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from methods.views import ViewSpec, augment
+
+DevicePrototypes = list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+"""Per granularity: (centroids [K, C], density [K], assignments [N]) on the training device."""
+
+
+class Batch(NamedTuple):
+    indices: torch.Tensor  # [B] dataset indices (PCL looks up cluster assignments by them)
+    images: torch.Tensor  # [B, C, H, W] uint8, augmented inside the method
+    labels: torch.Tensor  # [B] (-1 where unlabelled; only supervised methods read them)
+
+
+class Method(nn.Module):
+    """Base class. Subclasses set ``backbone`` and implement ``training_step``.
+
+    ``forward`` is ``training_step`` so DistributedDataParallel's gradient hooks see the call.
+    """
+
+    name: ClassVar[str] = ""
+    needs_prototypes: ClassVar[bool] = False
+    prototype_warmup_epochs: int = 0
+
+    def __init__(self, backbone: nn.Module, views: ViewSpec, seed: int = 0):
+        super().__init__()
+        self.backbone = backbone
+        self.views = views
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def view(self, images: torch.Tensor) -> torch.Tensor:
+        """One random view of every image, parameters from this method's seeded generator."""
+        return augment(images, self.views, self.generator)
+
+    def training_step(self, batch: Batch, prototypes: DevicePrototypes | None = None
+                      ) -> tuple[torch.Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+    def forward(self, batch: Batch, prototypes: DevicePrototypes | None = None):
+        return self.training_step(batch, prototypes)
+
+    def on_step_end(self) -> None:
+        """Called after every optimiser step (momentum updates, queue writes)."""
+
+    @torch.no_grad()
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The representation that evaluation probes: the backbone's pooled feature."""
+        return self.backbone(x)
+
+    @torch.no_grad()
+    def cluster_embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The L2-normalised feature the E-step clusters."""
+        return F.normalize(self.embed(x), dim=1)

@@ -1,0 +1,211 @@
+"""Datasets as in-memory uint8 tensors, items ``(index, image, label)``.
+
+Why in memory: every dataset protoray trains on in CPU runs (Fashion-MNIST, digits) fits in a few
+hundred MB, and the augmentation in ``views.py`` works on whole uint8 batches, so a DataLoader with
+per-image workers would only add copies. The index travels with every item because PCL needs to
+know which cluster each training image was assigned to in the E-step.
+"""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_INSTALL = "apt-get install -y dataset-fashion-mnist"
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)  # fmt: skip
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """A dataset's files are not where the config says; the message says how to get them."""
+
+
+@dataclass
+class ImageDataset:
+    """Images ``[N, C, H, W]`` uint8 and labels ``[N]`` int64 (``-1`` where unlabelled)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    classes: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != torch.uint8 or self.images.ndim != 4:
+            raise ValueError(f"images must be uint8 [N, C, H, W], got {self.images.dtype} "
+                             f"{tuple(self.images.shape)}")
+        if len(self.labels) != len(self.images):
+            raise ValueError(f"{len(self.images)} images but {len(self.labels)} labels")
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor, int]:
+        return index, self.images[index], int(self.labels[index])
+
+    @property
+    def in_channels(self) -> int:
+        return self.images.shape[1]
+
+    @property
+    def image_size(self) -> int:
+        return self.images.shape[-1]
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.labels.max()) + 1
+
+    def subset(self, indices: torch.Tensor | np.ndarray | list[int]) -> ImageDataset:
+        """A new dataset of the given rows; its items are re-indexed from 0."""
+        indices = torch.as_tensor(indices, dtype=torch.long)
+        return ImageDataset(self.images[indices], self.labels[indices], self.classes)
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (the MNIST format), gzipped or not, checking its header."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+        zero, dtype_code, ndim = struct.unpack(">HBB", raw[:4])
+        if zero != 0 or dtype_code != 0x08:
+            raise ValueError("not an unsigned-byte IDX file")
+        shape = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
+        data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+        return data.reshape(shape)
+    except (OSError, EOFError, ValueError, struct.error) as exc:
+        raise ValueError(f"{path} is not a readable IDX file ({exc}); reinstall it with "
+                         f"`{FASHION_MNIST_INSTALL} --reinstall`") from exc
+
+
+def _find(root: Path, stem: str) -> Path:
+    for candidate in (root / f"{stem}.gz", root / stem):
+        if candidate.exists():
+            return candidate
+    raise DatasetNotFoundError(
+        f"Fashion-MNIST file {stem}(.gz) not found under {root}. Install the Debian package "
+        f"with `{FASHION_MNIST_INSTALL}` or point data.root at a folder holding the idx files."
+    )
+
+
+def load_fashion_mnist(root: str | Path = FASHION_MNIST_ROOT, split: str = "train") -> ImageDataset:
+    """Fashion-MNIST (60k train / 10k test, 28x28 grayscale) from the idx files on disk."""
+    prefix = {"train": "train", "test": "t10k"}.get(split)
+    if prefix is None:
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    root = Path(root)
+    images = _read_idx(_find(root, f"{prefix}-images-idx3-ubyte"))
+    labels = _read_idx(_find(root, f"{prefix}-labels-idx1-ubyte"))
+    return ImageDataset(
+        torch.from_numpy(images.copy()).unsqueeze(1),
+        torch.from_numpy(labels.astype(np.int64)),
+        FASHION_MNIST_CLASSES,
+    )
+
+
+def load_digits(split: str = "train", test_fraction: float = 0.25, seed: int = 0) -> ImageDataset:
+    """scikit-learn's bundled 8x8 digits (1797 images), for tests that must run in seconds.
+
+    The 0..16 intensities are scaled to 0..255; the split is a fixed stratified one so train and
+    test never overlap whatever the caller's seed.
+    """
+    from sklearn.datasets import load_digits as sk_digits
+    from sklearn.model_selection import train_test_split
+
+    bunch = sk_digits()
+    images = np.round(bunch.images * (255.0 / 16.0)).astype(np.uint8)
+    train_idx, test_idx = train_test_split(
+        np.arange(len(images)), test_size=test_fraction, random_state=seed, stratify=bunch.target
+    )
+    rows = {"train": train_idx, "test": test_idx}.get(split)
+    if rows is None:
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    return ImageDataset(
+        torch.from_numpy(images[rows]).unsqueeze(1),
+        torch.from_numpy(bunch.target[rows].astype(np.int64)),
+        tuple(str(d) for d in range(10)),
+    )
+
+
+def load_image_folder(root: str | Path, image_size: int = 32) -> ImageDataset:
+    """An ``ImageFolder`` tree (``root/<class>/<image>``) resized to a square ``image_size``.
+
+    The whole folder is decoded once into memory; for datasets larger than RAM use a torchvision
+    dataset root on a GPU node instead.
+    """
+    from torchvision.datasets import ImageFolder
+    from torchvision.transforms.v2 import functional as F
+
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetNotFoundError(f"image folder {root} does not exist; set data.root to a folder "
+                                   "with one sub-folder of images per class")
+    folder = ImageFolder(str(root))
+    if len(folder) == 0:
+        raise DatasetNotFoundError(f"image folder {root} holds no images")
+    images = []
+    for path, _ in folder.samples:
+        image = F.pil_to_tensor(folder.loader(path))
+        images.append(F.resize(image, [image_size, image_size], antialias=True))
+    return ImageDataset(
+        torch.stack(images), torch.tensor(folder.targets, dtype=torch.long), tuple(folder.classes)
+    )
+
+
+def load_torchvision_root(name: str, root: str | Path, split: str = "train") -> ImageDataset:
+    """A torchvision dataset class (``CIFAR10``, ``MNIST``, ``STL10``...) already on disk.
+
+    ``download`` is always off: nothing is fetched at run time.
+    """
+    import torchvision.datasets as tvd
+
+    cls = getattr(tvd, name, None)
+    if cls is None:
+        raise ValueError(f"torchvision.datasets has no dataset {name!r}")
+    root = Path(root)
+    try:
+        if name == "STL10" or name == "SVHN":
+            ds = cls(str(root), split=split, download=False)
+        else:
+            ds = cls(str(root), train=(split == "train"), download=False)
+    except RuntimeError as exc:
+        raise DatasetNotFoundError(f"torchvision {name} not found under {root} ({exc}); place the "
+                                   "dataset files there (downloads are disabled)") from exc
+    data = torch.as_tensor(np.asarray(ds.data))
+    if data.ndim == 3:  # [N, H, W] grayscale
+        data = data.unsqueeze(1)
+    elif data.shape[-1] in (1, 3):  # [N, H, W, C]
+        data = data.permute(0, 3, 1, 2)
+    labels = getattr(ds, "targets", None)
+    if labels is None:
+        labels = ds.labels
+    return ImageDataset(data.contiguous().to(torch.uint8), torch.as_tensor(np.asarray(labels)).long(),
+                        tuple(getattr(ds, "classes", ())))
+
+
+DATASETS = ("fashion_mnist", "digits", "image_folder", "torchvision")
+
+
+def load_dataset(name: str, split: str = "train", root: str | Path | None = None,
+                 image_size: int = 32, torchvision_name: str = "CIFAR10") -> ImageDataset:
+    """Dispatch on the config's ``data.name``."""
+    if name == "fashion_mnist":
+        return load_fashion_mnist(root or FASHION_MNIST_ROOT, split)
+    if name == "digits":
+        return load_digits(split)
+    if name == "image_folder":
+        if root is None:
+            raise ValueError("data.root is required for data.name='image_folder'")
+        return load_image_folder(Path(root) / split if (Path(root) / split).is_dir() else root,
+                                 image_size)
+    if name == "torchvision":
+        if root is None:
+            raise ValueError("data.root is required for data.name='torchvision'")
+        return load_torchvision_root(torchvision_name, root, split)
+    raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")

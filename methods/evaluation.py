@@ -1,0 +1,104 @@
+"""How good a representation is, without training the encoder further.
+
+Three views of one embedding: weighted kNN (no training at all), a linear probe (the standard
+protocol), and how well k-means with K = number of classes recovers the labels (AMI/NMI/ARI),
+which is what prototype methods like PCL claim to improve.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def knn_accuracy(train: np.ndarray, train_labels: np.ndarray, test: np.ndarray,
+                 test_labels: np.ndarray, k: int = 200, temperature: float = 0.1,
+                 chunk: int = 1024) -> float:
+    """Weighted kNN on cosine similarity (Wu et al. 2018, InstDisc, sec. 3.4): the top-k
+    neighbours vote for their class with weight exp(s_i / temperature)."""
+    bank = F.normalize(torch.as_tensor(train, dtype=torch.float32), dim=1)
+    bank_labels = torch.as_tensor(train_labels, dtype=torch.long)
+    queries = F.normalize(torch.as_tensor(test, dtype=torch.float32), dim=1)
+    num_classes = int(max(bank_labels.max(), int(test_labels.max()))) + 1
+    k = min(k, len(bank))
+    preds = []
+    for i in range(0, len(queries), chunk):
+        sim, idx = (queries[i : i + chunk] @ bank.T).topk(k, dim=1)  # [n, k]
+        votes = torch.zeros(len(sim), num_classes)
+        votes.scatter_add_(1, bank_labels[idx], (sim / temperature).exp())
+        preds.append(votes.argmax(1))
+    return float((torch.cat(preds).numpy() == np.asarray(test_labels)).mean())
+
+
+def linear_probe_accuracy(train: np.ndarray, train_labels: np.ndarray, test: np.ndarray,
+                          test_labels: np.ndarray, max_iter: int = 200, seed: int = 0) -> float:
+    """Multinomial logistic regression on frozen, standardised features (scikit-learn)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=max_iter, C=1.0,
+                                                             random_state=seed))
+    clf.fit(train, train_labels)
+    return float(clf.score(test, test_labels))
+
+
+def cluster_scores(features: np.ndarray, labels: np.ndarray, num_clusters: int | None = None,
+                   seed: int = 0) -> dict[str, float]:
+    """AMI, NMI and ARI of faiss k-means (K = number of classes) on L2-normalised features."""
+    from sklearn.metrics import (
+        adjusted_mutual_info_score,
+        adjusted_rand_score,
+        normalized_mutual_info_score,
+    )
+
+    from methods.clustering import run_kmeans
+
+    x = F.normalize(torch.as_tensor(features, dtype=torch.float32), dim=1).numpy()
+    k = num_clusters or int(np.max(labels)) + 1
+    pred = run_kmeans(x, [k], seed=seed, nredo=3).assignments[0]
+    return {"ami": float(adjusted_mutual_info_score(labels, pred)),
+            "nmi": float(normalized_mutual_info_score(labels, pred)),
+            "ari": float(adjusted_rand_score(labels, pred))}
+
+
+def evaluate(train: np.ndarray, train_labels: np.ndarray, test: np.ndarray,
+             test_labels: np.ndarray, seed: int = 0) -> dict[str, float]:
+    """kNN and linear accuracy on the test split, clustering scores on the test split."""
+    return {"knn": knn_accuracy(train, train_labels, test, test_labels),
+            "linear": linear_probe_accuracy(train, train_labels, test, test_labels, seed=seed),
+            **cluster_scores(test, test_labels, seed=seed)}
+
+
+def embedding_plot(features: np.ndarray, colors: np.ndarray, path: str | Path, title: str = "",
+                   class_names: tuple[str, ...] = (), max_points: int = 2000, seed: int = 0
+                   ) -> Path:
+    """A 2-D t-SNE of (a sample of) the embedding, coloured by ``colors`` (labels or clusters)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.manifold import TSNE
+
+    rng = np.random.default_rng(seed)
+    rows = rng.choice(len(features), min(max_points, len(features)), replace=False)
+    xy = TSNE(init="pca", random_state=seed, perplexity=30).fit_transform(
+        F.normalize(torch.as_tensor(features[rows], dtype=torch.float32), dim=1).numpy())
+    fig, ax = plt.subplots(figsize=(6, 6))
+    points = ax.scatter(xy[:, 0], xy[:, 1], c=colors[rows], s=4, cmap="tab10" if
+                        colors.max() < 10 else "nipy_spectral")
+    if class_names and colors.max() < len(class_names):
+        handles = points.legend_elements()[0]
+        ax.legend(handles, [class_names[int(c)] for c in np.unique(colors[rows])],
+                  fontsize=7, loc="best", markerscale=0.8)
+    ax.set_title(title)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path

@@ -1,0 +1,137 @@
+"""The single-process training loop, in pieces the Ray workers reuse.
+
+``fit`` is the whole loop for one process: per epoch, an E-step (when the method needs
+prototypes), then one pass over the shuffled data. ``orchestration.worker`` runs the same
+``train_epoch`` and ``encode`` but gets its prototypes from the Ray actor and reports to Ray.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from methods.base import Batch, DevicePrototypes, Method
+from methods.clustering import Prototypes, run_kmeans
+from methods.data import ImageDataset
+from methods.views import to_input
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or inf; the message names the epoch and step."""
+
+
+@dataclass
+class OptimConfig:
+    """SGD with momentum, linear warm-up then cosine decay (MoCo v2 / PCL's schedule)."""
+
+    lr: float = 0.06
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup_epochs: int = 0
+
+
+def epoch_batches(num_samples: int, batch_size: int, epoch: int, seed: int, rank: int = 0,
+                  world_size: int = 1) -> list[torch.Tensor]:
+    """This rank's batches of dataset indices for one epoch.
+
+    Every rank draws the same permutation from (seed, epoch) and takes every ``world_size``-th
+    index, so shards are disjoint and the union is the dataset. The last partial batch is
+    dropped so all ranks run the same number of steps (DDP and ``ray.train.report`` need that).
+    """
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order = torch.randperm(num_samples, generator=g)[rank::world_size]
+    steps = num_samples // world_size // batch_size
+    if steps == 0:
+        raise ValueError(f"batch size {batch_size} per worker is larger than the "
+                         f"{num_samples // world_size} samples each worker holds")
+    return list(order[: steps * batch_size].view(steps, batch_size))
+
+
+def make_optimizer(method: Method, cfg: OptimConfig, steps_per_epoch: int, epochs: int
+                   ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    params = [p for p in method.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    total, warm = epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def train_epoch(method: Method, dataset: ImageDataset, batches: Sequence[torch.Tensor],
+                optimizer: torch.optim.Optimizer, scheduler, epoch: int,
+                prototypes: DevicePrototypes | None = None, device: str | torch.device = "cpu",
+                model: torch.nn.Module | None = None) -> dict[str, float]:
+    """One pass over ``batches``; returns the mean of every metric the method reports.
+
+    ``model`` is what is called (a DDP wrapper in workers); ``method`` gets ``on_step_end``.
+    """
+    model = model or method
+    model.train()
+    sums: dict[str, float] = {}
+    for step, idx in enumerate(batches):
+        batch = Batch(idx.to(device), dataset.images[idx].to(device, non_blocking=True),
+                      dataset.labels[idx].to(device))
+        loss, metrics = model(batch, prototypes)
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"loss is {loss.item()} at epoch {epoch} step {step}; lower optim.lr or raise "
+                "method.temperature (the last good checkpoint is kept)")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        method.on_step_end()
+        for name, value in {"loss": loss.item(), **metrics}.items():
+            sums[name] = sums.get(name, 0.0) + value
+    out = {name: total / len(batches) for name, total in sums.items()}
+    out["lr"] = optimizer.param_groups[0]["lr"]
+    return out
+
+
+@torch.no_grad()
+def encode(fn: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, method: Method,
+           batch_size: int = 1024, device: str | torch.device = "cpu") -> np.ndarray:
+    """``fn`` (e.g. ``method.embed``) over un-augmented images, in eval mode, as float32 numpy."""
+    was_training = method.training
+    method.eval()
+    out = [fn(to_input(images[i : i + batch_size].to(device), method.views)).float().cpu()
+           for i in range(0, len(images), batch_size)]
+    method.train(was_training)
+    return torch.cat(out).numpy()
+
+
+def fit(method: Method, dataset: ImageDataset, epochs: int, batch_size: int,
+        optim: OptimConfig | None = None, num_clusters: Sequence[int] = (),
+        kmeans_temperature: float = 0.2, seed: int = 0, device: str | torch.device = "cpu",
+        on_epoch_end: Callable[[int, dict[str, float]], None] | None = None
+        ) -> list[dict[str, float]]:
+    """Train ``method`` in this process; returns one metrics dict per epoch."""
+    optim = optim or OptimConfig()
+    method.to(device)
+    steps = len(epoch_batches(len(dataset), batch_size, 0, seed))
+    optimizer, scheduler = make_optimizer(method, optim, steps, epochs)
+    history = []
+    for epoch in range(epochs):
+        start = time.perf_counter()
+        prototypes, estep_s = None, 0.0
+        if method.needs_prototypes and epoch >= method.prototype_warmup_epochs:
+            features = encode(method.cluster_embed, dataset.images, method, device=device)
+            found: Prototypes = run_kmeans(features, num_clusters, kmeans_temperature, seed + epoch)
+            prototypes, estep_s = found.on_device(device), time.perf_counter() - start
+        batches = epoch_batches(len(dataset), batch_size, epoch, seed)
+        metrics = train_epoch(method, dataset, batches, optimizer, scheduler, epoch, prototypes,
+                              device)
+        metrics.update(epoch=epoch, epoch_s=time.perf_counter() - start, estep_s=estep_s)
+        history.append(metrics)
+        if on_epoch_end:
+            on_epoch_end(epoch, metrics)
+    return history

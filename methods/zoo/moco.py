@@ -1,0 +1,61 @@
+"""MoCo v2 (Chen et al. 2020, arXiv 2003.04297; MoCo: He et al. 2020, arXiv 1911.05722).
+
+A query encoder trained by gradient, a key encoder that is its exponential moving average, and a
+queue of past keys as negatives. v2 = MLP head + stronger augmentation (the ``moco_v2`` views)
++ cosine learning rate. ``proj_layers=1`` gives v1's linear head.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from methods.base import Batch, Method
+from methods.heads import projection_mlp
+from methods.losses import check_temperature, gather_no_grad, info_nce
+from methods.momentum import FeatureQueue, ema_update, momentum_copy
+from methods.registry import register
+from methods.views import ViewSpec
+
+
+@register("moco")
+class MoCo(Method):
+    def __init__(self, backbone: nn.Module, views: ViewSpec, temperature: float = 0.2,
+                 momentum: float = 0.999, queue_size: int = 65536, proj_hidden_dim: int = 2048,
+                 proj_dim: int = 128, proj_layers: int = 2, seed: int = 0):
+        super().__init__(backbone, views, seed)
+        check_temperature(temperature, "method.temperature")
+        if not 0 <= momentum < 1:
+            raise ValueError(f"method.momentum must be in [0, 1), got {momentum}")
+        self.temperature = temperature
+        self.momentum = momentum
+        self.projection = projection_mlp(backbone.feature_dim, proj_hidden_dim, proj_dim,
+                                         num_layers=proj_layers)
+        self.encoder_q = nn.Sequential(self.backbone, self.projection)
+        self.encoder_k = momentum_copy(self.encoder_q)
+        self.queue = FeatureQueue(queue_size, proj_dim)
+        self._pending_keys: torch.Tensor | None = None
+
+    def queries_and_keys(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        q = F.normalize(self.encoder_q(self.view(batch.images)), dim=1)  # queries: [B, D]
+        with torch.no_grad():
+            k = F.normalize(self.encoder_k(self.view(batch.images)), dim=1)  # keys: [B, D]
+        self._pending_keys = gather_no_grad(k)  # every rank's keys enter every rank's queue
+        return q, k
+
+    def training_step(self, batch: Batch, prototypes=None) -> tuple[torch.Tensor, dict[str, float]]:
+        q, k = self.queries_and_keys(batch)
+        loss = info_nce(q, k, self.queue.keys, self.temperature)
+        return loss, {"loss_info_nce": loss.item()}
+
+    def on_step_end(self) -> None:
+        ema_update(self.encoder_k, self.encoder_q, self.momentum)
+        if self._pending_keys is not None:
+            self.queue.enqueue(self._pending_keys)
+            self._pending_keys = None
+
+    @torch.no_grad()
+    def cluster_embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The momentum encoder's normalised projection, as PCL clusters (its ``is_eval`` path)."""
+        return F.normalize(self.encoder_k(x), dim=1)

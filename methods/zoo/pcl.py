@@ -1,0 +1,53 @@
+"""Prototypical Contrastive Learning (Li et al. 2021, arXiv 2005.04966).
+
+MoCo v2 plus ProtoNCE: after ``warmup_epochs`` of plain InfoNCE, each epoch's E-step clusters the
+momentum features at several granularities; the M-step pulls each embedding toward its prototype
+and away from ``num_negative_prototypes`` others, each scaled by its concentration phi.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from methods.base import Batch, DevicePrototypes
+from methods.losses import info_nce, proto_nce, sample_negative_prototypes
+from methods.registry import register
+from methods.views import ViewSpec
+from methods.zoo.moco import MoCo
+
+
+@register("pcl")
+class PCL(MoCo):
+    needs_prototypes = True
+
+    def __init__(self, backbone: nn.Module, views: ViewSpec, temperature: float = 0.2,
+                 momentum: float = 0.999, queue_size: int = 16384, proj_hidden_dim: int = 2048,
+                 proj_dim: int = 128, proj_layers: int = 2, num_negative_prototypes: int = 16384,
+                 warmup_epochs: int = 20, proto_weight: float = 1.0, seed: int = 0):
+        super().__init__(backbone, views, temperature, momentum, queue_size, proj_hidden_dim,
+                         proj_dim, proj_layers, seed)
+        if warmup_epochs < 0:
+            raise ValueError(f"method.warmup_epochs must be >= 0, got {warmup_epochs}")
+        if proto_weight < 0:
+            raise ValueError(f"method.proto_weight must be >= 0, got {proto_weight}")
+        self.num_negative_prototypes = num_negative_prototypes
+        self.prototype_warmup_epochs = warmup_epochs
+        self.proto_weight = proto_weight
+
+    def training_step(self, batch: Batch, prototypes: DevicePrototypes | None = None
+                      ) -> tuple[torch.Tensor, dict[str, float]]:
+        q, k = self.queries_and_keys(batch)
+        loss_instance = info_nce(q, k, self.queue.keys, self.temperature)
+        if not prototypes:
+            return loss_instance, {"loss_info_nce": loss_instance.item()}
+        # ProtoNCE (eq. 11): the instance term plus the prototype term averaged over M granularities
+        loss_proto = q.new_zeros(())
+        for centroids, density, assignments in prototypes:
+            positive = assignments[batch.indices]
+            negative = sample_negative_prototypes(positive, len(centroids),
+                                                  self.num_negative_prototypes, self.generator)
+            loss_proto = loss_proto + proto_nce(q, centroids, density, positive, negative)
+        loss_proto = loss_proto / len(prototypes)
+        loss = loss_instance + self.proto_weight * loss_proto
+        return loss, {"loss_info_nce": loss_instance.item(), "loss_proto": loss_proto.item()}

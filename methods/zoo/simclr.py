@@ -1,0 +1,32 @@
+"""SimCLR (Chen et al. 2020, arXiv 2002.05709): two views, an MLP projection, NT-Xent with every
+other view in the (global) batch as a negative."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from methods.base import Batch, Method
+from methods.heads import projection_mlp
+from methods.losses import check_temperature, nt_xent
+from methods.registry import register
+from methods.views import ViewSpec
+
+
+@register("simclr")
+class SimCLR(Method):
+    def __init__(self, backbone: nn.Module, views: ViewSpec, temperature: float = 0.5,
+                 proj_hidden_dim: int = 2048, proj_dim: int = 128, gather_distributed: bool = True,
+                 seed: int = 0):
+        super().__init__(backbone, views, seed)
+        check_temperature(temperature, "method.temperature")
+        self.temperature = temperature
+        self.gather_distributed = gather_distributed
+        self.projection = projection_mlp(backbone.feature_dim, proj_hidden_dim, proj_dim,
+                                         batch_norm=True)
+
+    def training_step(self, batch: Batch, prototypes=None) -> tuple[torch.Tensor, dict[str, float]]:
+        x = torch.cat([self.view(batch.images), self.view(batch.images)])  # [2B, C, S, S]
+        z0, z1 = self.projection(self.backbone(x)).chunk(2)  # [B, D] each
+        loss = nt_xent(z0, z1, self.temperature, gather=self.gather_distributed)
+        return loss, {"loss_nt_xent": loss.item()}
