@@ -43,7 +43,7 @@ class Prototypes:
         Ray's object store are read-only)."""
         return [(torch.tensor(c, device=device), torch.tensor(d, device=device),
                  torch.tensor(a, device=device))
-                for c, d, a in zip(self.centroids, self.density, self.assignments)]
+                for c, d, a in zip(self.centroids, self.density, self.assignments, strict=True)]
 
     @classmethod
     def from_state_dict(cls, state: dict) -> Prototypes:

@@ -81,10 +81,8 @@ def nt_xent(z0: torch.Tensor, z1: torch.Tensor, temperature: float = 0.5, gather
     n = len(z0)
     anchors = F.normalize(torch.cat([z0, z1]), dim=1)  # [2N, D]
     rank, world = _world() if gather else (0, 1)
-    if world > 1:
-        keys = torch.cat([gather_with_grad(anchors[:n]), gather_with_grad(anchors[n:])])
-    else:
-        keys = anchors  # [2NW, D]
+    # keys: every rank's view-0 rows, then every rank's view-1 rows  [2NW, D]
+    keys = torch.cat([gather_with_grad(anchors[:n]), gather_with_grad(anchors[n:])]) if world > 1 else anchors
     logits = anchors @ keys.T / temperature  # [2N, 2NW]
     local = torch.arange(n, device=z0.device) + rank * n
     self_idx = torch.cat([local, local + n * world])
