@@ -32,9 +32,9 @@ class Prototypes:
     def state_dict(self) -> dict[str, list[torch.Tensor] | int]:
         """Tensors only, so a checkpoint holding it loads with ``torch.load(weights_only=True)``."""
         return {
-            "centroids": [torch.from_numpy(np.ascontiguousarray(c)) for c in self.centroids],
-            "density": [torch.from_numpy(np.ascontiguousarray(d)) for d in self.density],
-            "assignments": [torch.from_numpy(np.ascontiguousarray(a)) for a in self.assignments],
+            "centroids": [torch.tensor(c) for c in self.centroids],  # copies: Ray's arrays are read-only
+            "density": [torch.tensor(d) for d in self.density],
+            "assignments": [torch.tensor(a) for a in self.assignments],
             "epoch": self.epoch,
         }
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from methods.base import Batch, DevicePrototypes, Method
 from methods.clustering import Prototypes, run_kmeans
@@ -23,6 +24,21 @@ from methods.views import to_input
 
 class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or inf; the message names the epoch and step."""
+
+
+def all_ranks(flag: bool) -> bool:
+    """True only if ``flag`` is true on every rank (one tiny all-reduce; plain ``flag`` alone).
+
+    Used where ranks must take the same branch, e.g. all stop on a NaN loss together instead of
+    one rank leaving while the others wait in DDP's gradient all-reduce.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    t = torch.tensor([0 if flag else 1], dtype=torch.int32)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item()) == 0
 
 
 @dataclass
@@ -81,9 +97,9 @@ def train_epoch(method: Method, dataset: ImageDataset, batches: Sequence[torch.T
         batch = Batch(idx.to(device), dataset.images[idx].to(device, non_blocking=True),
                       dataset.labels[idx].to(device))
         loss, metrics = model(batch, prototypes)
-        if not torch.isfinite(loss):
+        if not all_ranks(bool(torch.isfinite(loss))):
             raise NonFiniteLossError(
-                f"loss is {loss.item()} at epoch {epoch} step {step}; lower optim.lr or raise "
+                f"loss is not finite ({loss.item()} on this rank) at epoch {epoch} step {step}; lower optim.lr or raise "
                 "method.temperature (the last good checkpoint is kept)")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

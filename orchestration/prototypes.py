@@ -1,0 +1,92 @@
+"""The clustering E-step as a Ray actor beside the training workers.
+
+Each worker encodes its own shard and ``submit``s (indices, features) as object refs; once every
+rank has submitted, the first ``prototypes`` call runs ``methods.clustering.run_kmeans`` on the
+assembled matrix, puts the result in the object store once, and every rank gets that same ref.
+The actor is synchronous (one call at a time), so no call ever waits for another rank: waiting
+happens in the workers' barrier. If the actor restarts it has lost the shards; ``prototypes``
+then returns None and the workers submit again.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import ray
+
+from methods.clustering import Prototypes, run_kmeans
+
+
+@ray.remote(max_restarts=3, max_task_retries=3)
+class PrototypeService:
+    def __init__(self, world_size: int, num_clusters: list[int], temperature: float, seed: int,
+                 niter: int = 20, nredo: int = 1):
+        self.world_size = world_size
+        self.num_clusters = list(num_clusters)
+        self.temperature = temperature
+        self.seed = seed
+        self.niter, self.nredo = niter, nredo
+        self.shards: dict[int, dict[int, list]] = {}  # epoch -> rank -> [indices_ref, features_ref]
+        self.results: dict[int, ray.ObjectRef] = {}  # epoch -> ref of Prototypes
+        self.log: dict[int, dict] = {}  # epoch -> {"ref", "ranks", "seconds"} for tests and MLflow
+
+    def submit(self, epoch: int, rank: int, refs: list) -> None:
+        """Keep this rank's shard refs (passed inside a list so Ray does not resolve them)."""
+        self.shards.setdefault(epoch, {})[rank] = refs
+
+    def prototypes(self, epoch: int, rank: int) -> list | None:
+        """``[ref]`` to this epoch's Prototypes, computed on the first call; None if shards are
+        missing (after a restart). Idempotent: a retried call returns the same ref."""
+        if epoch not in self.results:
+            shards = self.shards.get(epoch, {})
+            if len(shards) < self.world_size:
+                return None
+            parts = [ray.get(shards[r]) for r in range(self.world_size)]
+            indices = np.concatenate([idx for idx, _ in parts])
+            features = np.concatenate([feat for _, feat in parts])
+            order = np.argsort(indices)  # row i of the matrix is dataset index i
+            if not np.array_equal(indices[order], np.arange(len(indices))):
+                raise ValueError("worker shards do not cover the dataset exactly once")
+            start = time.perf_counter()
+            found = run_kmeans(features[order], self.num_clusters, self.temperature,
+                               self.seed + epoch, self.niter, self.nredo)
+            found.epoch = epoch
+            self.results[epoch] = ray.put(found)
+            self.log[epoch] = {"ref": self.results[epoch].hex(), "ranks": [],
+                               "seconds": time.perf_counter() - start}
+            self.shards.pop(epoch, None)
+            self.results = {e: r for e, r in self.results.items() if e >= epoch - 1}
+        self.log[epoch]["ranks"].append(rank)
+        return [self.results[epoch]]
+
+    def history(self) -> dict[int, dict]:
+        return self.log
+
+    def pid(self) -> int:
+        import os
+
+        return os.getpid()
+
+
+def fetch_prototypes(service, epoch: int, rank: int, refs: list, barrier, all_ok) -> Prototypes:
+    """Submit this rank's shard, wait for every rank, fetch the shared Prototypes.
+
+    ``barrier()`` synchronises the ranks; ``all_ok(flag)`` is True only if every rank's flag is.
+    Retries while the actor has restarted and lost shards.
+    """
+    for _ in range(10):
+        found = None
+        try:
+            ray.get(service.submit.remote(epoch, rank, refs))
+        except ray.exceptions.RayError:
+            pass  # the actor is restarting; the next round submits again
+        barrier()
+        try:
+            answer = ray.get(service.prototypes.remote(epoch, rank))
+            found = ray.get(answer[0]) if answer else None
+        except ray.exceptions.RayError:
+            found = None
+        if all_ok(found is not None):
+            return found
+    raise RuntimeError(f"the prototype actor lost the shards of epoch {epoch} ten times")

@@ -1,0 +1,113 @@
+"""The driver: start or join Ray, open the MLflow run, start the prototype actor, run the
+TorchTrainer, evaluate the final checkpoint and log everything.
+
+Data flows one way: config -> driver -> workers -> reports. The driver never talks to the
+workers while they train; the prototype actor is the only state they share.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlflow
+import ray
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from orchestration.config import ExperimentConfig, to_yaml
+from orchestration.evaluate import evaluate_checkpoint
+from orchestration.prototypes import PrototypeService
+from orchestration.tracking import MLflowEpochLogger, numeric, resolve_tracking_uri
+from orchestration.worker import CHECKPOINT_FILE, train_loop
+
+
+class TrainingStopped(RuntimeError):
+    """Training stopped early (a NaN loss); the message says where and which checkpoint is kept."""
+
+
+@dataclass
+class RunSummary:
+    run_id: str
+    tracking_uri: str
+    metrics: dict[str, float]
+    checkpoint: str | None
+    estep_log: dict = field(default_factory=dict)
+
+
+def ensure_ray(address: str | None, cpus_needed: float) -> None:
+    """Join ``address`` (or RAY_ADDRESS), else start an embedded local cluster.
+
+    The embedded cluster gets at least ``cpus_needed`` logical CPUs: on a 2-core laptop two
+    workers plus the prototype actor still fit (they take turns on the cores), whereas a Train V2
+    run that cannot be placed waits forever.
+    """
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+    else:
+        ray.init(num_cpus=max(os.cpu_count() or 1, int(cpus_needed + 0.999)),
+                 dashboard_host="127.0.0.1")
+
+
+def train(cfg: ExperimentConfig, address: str | None = None, fail_at: dict | None = None,
+          evaluate: bool = True) -> RunSummary:
+    """Run one experiment end to end; returns the MLflow run id and the final metrics."""
+    s = cfg.scaling
+    ensure_ray(address, s.num_workers * s.cpus_per_worker + cfg.clustering.cpus + 1)
+    tracking_uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_experiment(cfg.tracking.experiment_name)
+    with mlflow.start_run(run_name=cfg.tracking.run_name) as run:
+        run_id = run.info.run_id
+        mlflow.log_params({k: json.dumps(v) if isinstance(v, (list, dict)) else v
+                           for k, v in cfg.flat().items()})
+        mlflow.log_text(to_yaml(cfg), "config.yaml")
+        service = PrototypeService.options(
+            name=f"prototypes-{run_id}", get_if_exists=True, num_cpus=cfg.clustering.cpus,
+        ).remote(s.num_workers, cfg.clustering.num_clusters,
+                 cfg.method.resolved().get("temperature", 0.2), cfg.seed, cfg.clustering.niter,
+                 cfg.clustering.nredo)
+        storage = cfg.tracking.storage_path
+        if "://" not in storage:
+            storage = str(Path(storage).resolve())
+        trainer = TorchTrainer(
+            train_loop,
+            train_loop_config={"experiment": cfg.model_dump(mode="json"), "prototype_service": service,
+                               "fail_at": fail_at},
+            scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
+                                         resources_per_worker={"CPU": s.cpus_per_worker}),
+            run_config=RunConfig(
+                name=f"protoray-{run_id}", storage_path=storage,
+                failure_config=FailureConfig(max_failures=s.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=2),
+                callbacks=[MLflowEpochLogger(tracking_uri, run_id)]),
+        )
+        result = trainer.fit()
+        estep_log = ray.get(service.history.remote())
+        ray.kill(service)
+        mlflow.log_dict({str(k): v for k, v in estep_log.items()}, "estep_log.json")
+        checkpoint_dir = result.checkpoint.path if result.checkpoint else None
+        if result.error:
+            raise result.error
+        if "stopped" in (result.metrics or {}):
+            mlflow.set_tag("status", "stopped")
+            raise TrainingStopped(f"{result.metrics['stopped']}; last good checkpoint: "
+                                  f"{checkpoint_dir or 'none (stopped in the first epoch)'}")
+        metrics: dict[str, float] = {}
+        if evaluate and result.checkpoint:
+            with result.checkpoint.as_directory() as directory, tempfile.TemporaryDirectory() as out:
+                metrics, artifacts = evaluate_checkpoint(Path(directory) / CHECKPOINT_FILE, Path(out), cfg)
+                mlflow.log_metrics(numeric(metrics))
+                for path in artifacts:
+                    mlflow.log_artifact(str(path), "plots")
+                final = Path(out) / "final_checkpoint.pt"
+                shutil.copy(Path(directory) / CHECKPOINT_FILE, final)
+                mlflow.log_artifact(str(final), "checkpoint")
+    return RunSummary(run_id, tracking_uri, metrics, checkpoint_dir, estep_log)

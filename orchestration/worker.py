@@ -1,0 +1,141 @@
+"""The per-worker training loop that Ray Train runs on every rank.
+
+Everything a worker needs arrives in ``config`` (the validated experiment as a dict, and the
+prototype actor's handle); rank and world size come from ``ray.train.get_context()``; the only
+way out is ``ray.train.report``. Read it top to bottom: set-up, resume, then per epoch an
+optional E-step through the actor, one pass over this rank's shard, a report with a checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import tempfile
+import time
+from pathlib import Path
+
+import ray
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+
+from methods.clustering import Prototypes
+from methods.evaluation import knn_accuracy
+from methods.training import (
+    NonFiniteLossError,
+    OptimConfig,
+    all_ranks,
+    encode,
+    epoch_batches,
+    make_optimizer,
+    train_epoch,
+)
+from orchestration.config import ExperimentConfig
+from orchestration.experiment import load_splits, load_state, make_method, save_state
+from orchestration.prototypes import fetch_prototypes
+
+CHECKPOINT_FILE = "state.pt"
+KNN_BANK_SIZE = 5000  # training images the online kNN compares the hold-out slice against
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def train_loop(config: dict) -> None:
+    cfg = ExperimentConfig.model_validate(config["experiment"])
+    service = config.get("prototype_service")
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
+
+    # --- set-up: data, method, optimiser (identical on every rank but the augmentation seed)
+    splits = load_splits(cfg)
+    train = splits.train
+    method = make_method(cfg, train.in_channels, train.image_size, rank).to(device)
+    model = ray.train.torch.prepare_model(method, parallel_strategy_kwargs={"broadcast_buffers": False})
+    per_rank_batch = cfg.optim.batch_size // world
+    steps = len(epoch_batches(len(train), per_rank_batch, 0, cfg.seed, rank, world))
+    o = cfg.optim
+    optimizer, scheduler = make_optimizer(
+        method, OptimConfig(o.lr, o.momentum, o.weight_decay, o.warmup_epochs), steps, o.epochs)
+    temperature = cfg.method.resolved().get("temperature", 0.2)
+
+    # --- resume from the latest checkpoint after a failure (all ranks restart together)
+    start_epoch, prototypes = 0, None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as directory:
+            state = load_state(Path(directory) / CHECKPOINT_FILE)
+        method.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        method.generator.manual_seed(cfg.seed * 1000 + rank + 7919 * state["epoch"])
+        start_epoch = state["epoch"] + 1
+        if state["prototypes"]:
+            prototypes = Prototypes.from_state_dict(state["prototypes"])
+
+    shard = torch.arange(len(train))[rank::world]  # what this rank encodes for the E-step
+    for epoch in range(start_epoch, o.epochs):
+        start = time.perf_counter()
+        metrics: dict[str, float] = {"epoch": epoch}
+
+        # --- E-step: cluster every rank's features in the actor, receive the same prototypes
+        if method.needs_prototypes and epoch >= method.prototype_warmup_epochs:
+            features = encode(method.cluster_embed, train.images[shard], method, device=device)
+            refs = [ray.put(shard.numpy()), ray.put(features)]
+            waited = time.perf_counter()
+            prototypes = fetch_prototypes(service, epoch, rank, refs, _barrier, all_ranks)
+            metrics["estep_s"] = time.perf_counter() - start
+            metrics["estep_wait_s"] = time.perf_counter() - waited
+            metrics["kmeans_s"] = prototypes.seconds
+        active = prototypes if method.needs_prototypes and epoch >= method.prototype_warmup_epochs else None
+
+        # --- M-step: one pass over this rank's shard
+        batches = epoch_batches(len(train), per_rank_batch, epoch, cfg.seed, rank, world)
+        try:
+            metrics.update(train_epoch(method, train, batches, optimizer, scheduler, epoch,
+                                       active.on_device(device) if active else None, device, model))
+        except NonFiniteLossError as exc:  # every rank raises at the same step (all_ranks)
+            ray.train.report({"epoch": epoch, "stopped": str(exc)})
+            return
+        metrics["epoch_s"] = time.perf_counter() - start
+
+        # --- report: metrics from every rank, checkpoint and online kNN from rank 0
+        if rank == 0:
+            metrics["knn_holdout"] = _online_knn(method, train, splits.holdout, device)
+            with tempfile.TemporaryDirectory() as directory:
+                save_state(Path(directory) / CHECKPOINT_FILE, method, optimizer, scheduler, epoch,
+                           active, config["experiment"])
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+        else:
+            ray.train.report(metrics)
+        _maybe_fail_for_test(config.get("fail_at"), epoch, rank)
+
+
+def _online_knn(method, train, holdout, device) -> float:
+    """Weighted kNN accuracy of the hold-out slice against a fixed sample of training images."""
+    if len(holdout) == 0:
+        return float("nan")
+    bank = train.subset(torch.arange(min(KNN_BANK_SIZE, len(train))))
+    bank_x = encode(method.embed, bank.images, method, device=device)
+    hold_x = encode(method.embed, holdout.images, method, device=device)
+    return knn_accuracy(bank_x, bank.labels.numpy(), hold_x, holdout.labels.numpy(),
+                        k=min(200, len(bank)))
+
+
+def _maybe_fail_for_test(fail_at: dict | None, epoch: int, rank: int) -> None:
+    """Fault injection for the reliability tests: SIGKILL this worker once after ``epoch``'s report.
+
+    ``fail_at = {"epoch": e, "rank": r, "marker": path}``; the marker file makes it happen only
+    once, as Ray's own fault-tolerance tests do. Never set by the CLI.
+    """
+    if not fail_at or fail_at["epoch"] != epoch or fail_at["rank"] != rank:
+        return
+    marker = Path(fail_at["marker"])
+    if not marker.exists():
+        marker.write_text(str(epoch))
+        os.kill(os.getpid(), signal.SIGKILL)
