@@ -10,6 +10,7 @@ then returns None and the workers submit again.
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import numpy as np
@@ -77,10 +78,8 @@ def fetch_prototypes(service, epoch: int, rank: int, refs: list, barrier, all_ok
     """
     for _ in range(10):
         found = None
-        try:
+        with contextlib.suppress(ray.exceptions.RayError):  # restarting: the next round resubmits
             ray.get(service.submit.remote(epoch, rank, refs))
-        except ray.exceptions.RayError:
-            pass  # the actor is restarting; the next round submits again
         barrier()
         try:
             answer = ray.get(service.prototypes.remote(epoch, rank))

@@ -62,7 +62,6 @@ def train_loop(config: dict) -> None:
     o = cfg.optim
     optimizer, scheduler = make_optimizer(
         method, OptimConfig(o.lr, o.momentum, o.weight_decay, o.warmup_epochs), steps, o.epochs)
-    temperature = cfg.method.resolved().get("temperature", 0.2)
 
     # --- resume from the latest checkpoint after a failure (all ranks restart together)
     start_epoch, prototypes = 0, None
