@@ -11,6 +11,7 @@ then returns None and the workers submit again.
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 
 import numpy as np
@@ -22,7 +23,7 @@ from methods.clustering import Prototypes, run_kmeans
 @ray.remote(max_restarts=3, max_task_retries=3)
 class PrototypeService:
     def __init__(self, world_size: int, num_clusters: list[int], temperature: float, seed: int,
-                 niter: int = 20, nredo: int = 1):
+                 niter: int = 20, nredo: int = 1, faults: dict | None = None):
         self.world_size = world_size
         self.num_clusters = list(num_clusters)
         self.temperature = temperature
@@ -31,6 +32,7 @@ class PrototypeService:
         self.shards: dict[int, dict[int, list]] = {}  # epoch -> rank -> [indices_ref, features_ref]
         self.results: dict[int, ray.ObjectRef] = {}  # epoch -> ref of Prototypes
         self.log: dict[int, dict] = {}  # epoch -> {"ref", "ranks", "seconds"} for tests and MLflow
+        self.faults = faults or {}
 
     def submit(self, epoch: int, rank: int, refs: list) -> None:
         """Keep this rank's shard refs (passed inside a list so Ray does not resolve them)."""
@@ -49,6 +51,7 @@ class PrototypeService:
             order = np.argsort(indices)  # row i of the matrix is dataset index i
             if not np.array_equal(indices[order], np.arange(len(indices))):
                 raise ValueError("worker shards do not cover the dataset exactly once")
+            self._inject_death(epoch)
             start = time.perf_counter()
             found = run_kmeans(features[order], self.num_clusters, self.temperature,
                                self.seed + epoch, self.niter, self.nredo)
@@ -61,12 +64,20 @@ class PrototypeService:
         self.log[epoch]["ranks"].append(rank)
         return [self.results[epoch]]
 
+    def _inject_death(self, epoch: int) -> None:
+        """Test hook: die once in the middle of ``faults["kill_actor_epoch"]``'s E-step."""
+        from pathlib import Path
+
+        if self.faults.get("kill_actor_epoch") == epoch:
+            marker = Path(self.faults["marker_dir"]) / "actor_killed"
+            if not marker.exists():
+                marker.write_text(str(epoch))
+                os._exit(1)
+
     def history(self) -> dict[int, dict]:
         return self.log
 
     def pid(self) -> int:
-        import os
-
         return os.getpid()
 
 

@@ -56,9 +56,12 @@ def ensure_ray(address: str | None, cpus_needed: float) -> None:
                  dashboard_host="127.0.0.1")
 
 
-def train(cfg: ExperimentConfig, address: str | None = None, fail_at: dict | None = None,
-          evaluate: bool = True) -> RunSummary:
-    """Run one experiment end to end; returns the MLflow run id and the final metrics."""
+def train(cfg: ExperimentConfig, address: str | None = None, evaluate: bool = True,
+          faults: dict | None = None) -> RunSummary:
+    """Run one experiment end to end; returns the MLflow run id and the final metrics.
+
+    ``faults`` is for the reliability tests only (kill a worker or the actor, inject a NaN).
+    """
     s = cfg.scaling
     ensure_ray(address, s.num_workers * s.cpus_per_worker + cfg.clustering.cpus + 1)
     tracking_uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
@@ -73,14 +76,14 @@ def train(cfg: ExperimentConfig, address: str | None = None, fail_at: dict | Non
             name=f"prototypes-{run_id}", get_if_exists=True, num_cpus=cfg.clustering.cpus,
         ).remote(s.num_workers, cfg.clustering.num_clusters,
                  cfg.method.resolved().get("temperature", 0.2), cfg.seed, cfg.clustering.niter,
-                 cfg.clustering.nredo)
+                 cfg.clustering.nredo, faults)
         storage = cfg.tracking.storage_path
         if "://" not in storage:
             storage = str(Path(storage).resolve())
         trainer = TorchTrainer(
             train_loop,
             train_loop_config={"experiment": cfg.model_dump(mode="json"), "prototype_service": service,
-                               "fail_at": fail_at},
+                               "faults": faults},
             scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
                                          resources_per_worker={"CPU": s.cpus_per_worker}),
             run_config=RunConfig(
@@ -96,9 +99,11 @@ def train(cfg: ExperimentConfig, address: str | None = None, fail_at: dict | Non
         checkpoint_dir = result.checkpoint.path if result.checkpoint else None
         if result.error:
             raise result.error
-        if "stopped" in (result.metrics or {}):
-            mlflow.set_tag("status", "stopped")
-            raise TrainingStopped(f"{result.metrics['stopped']}; last good checkpoint: "
+        # A stop report carries no checkpoint, so it is not in result.metrics (those belong to the
+        # latest checkpoint); the controller's MLflow callback recorded it as a tag.
+        stopped = mlflow.get_run(run_id).data.tags.get("stopped")
+        if stopped:
+            raise TrainingStopped(f"{stopped}; last good checkpoint: "
                                   f"{checkpoint_dir or 'none (stopped in the first epoch)'}")
         metrics: dict[str, float] = {}
         if evaluate and result.checkpoint:

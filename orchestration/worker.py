@@ -95,6 +95,7 @@ def train_loop(config: dict) -> None:
 
         # --- M-step: one pass over this rank's shard
         batches = epoch_batches(len(train), per_rank_batch, epoch, cfg.seed, rank, world)
+        _inject_nan(config.get("faults"), epoch, rank, method)
         try:
             metrics.update(train_epoch(method, train, batches, optimizer, scheduler, epoch,
                                        active.on_device(device) if active else None, device, model))
@@ -112,7 +113,7 @@ def train_loop(config: dict) -> None:
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
         else:
             ray.train.report(metrics)
-        _maybe_fail_for_test(config.get("fail_at"), epoch, rank)
+        _inject_kill(config.get("faults"), epoch, rank)
 
 
 def _online_knn(method, train, holdout, device) -> float:
@@ -126,15 +127,20 @@ def _online_knn(method, train, holdout, device) -> float:
                         k=min(200, len(bank)))
 
 
-def _maybe_fail_for_test(fail_at: dict | None, epoch: int, rank: int) -> None:
-    """Fault injection for the reliability tests: SIGKILL this worker once after ``epoch``'s report.
-
-    ``fail_at = {"epoch": e, "rank": r, "marker": path}``; the marker file makes it happen only
-    once, as Ray's own fault-tolerance tests do. Never set by the CLI.
-    """
-    if not fail_at or fail_at["epoch"] != epoch or fail_at["rank"] != rank:
+def _inject_kill(faults: dict | None, epoch: int, rank: int) -> None:
+    """Test hook: SIGKILL this worker once, after ``faults["kill_worker_epoch"]``'s report, on
+    ``faults["kill_rank"]``. A marker file makes it happen once, as in Ray's own fault tests.
+    ``protoray train`` never sets ``faults``."""
+    if not faults or faults.get("kill_worker_epoch") != epoch or faults.get("kill_rank", 0) != rank:
         return
-    marker = Path(fail_at["marker"])
+    marker = Path(faults["marker_dir"]) / "worker_killed"
     if not marker.exists():
         marker.write_text(str(epoch))
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _inject_nan(faults: dict | None, epoch: int, rank: int, method) -> None:
+    """Test hook: poison one weight on rank 0 before ``faults["nan_epoch"]`` so the loss is NaN."""
+    if faults and faults.get("nan_epoch") == epoch and rank == 0:
+        with torch.no_grad():
+            next(method.parameters()).fill_(float("nan"))

@@ -1,0 +1,85 @@
+"""Reliability of the Ray side on a real local cluster with tiny data (digits, 3 epochs)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from methods.clustering import Prototypes
+from orchestration.run import TrainingStopped, train
+
+pytestmark = pytest.mark.slow
+
+
+def _history(summary, key: str) -> list[tuple[int, float]]:
+    client = MlflowClient(summary.tracking_uri)
+    return sorted((m.step, m.value) for m in client.get_metric_history(summary.run_id, key))
+
+
+def _artifacts(summary) -> set[str]:
+    client = MlflowClient(summary.tracking_uri)
+    out, stack = set(), [""]
+    while stack:
+        for item in client.list_artifacts(summary.run_id, stack.pop() or None):
+            (stack.append(item.path) if item.is_dir else out.add(item.path))
+    return out
+
+
+def test_pcl_two_workers_share_prototypes_and_log_everything(ray_cluster, tiny_config):
+    summary = train(tiny_config())
+
+    # every epoch after the warm-up: one E-step, one ObjectRef, fetched by both ranks
+    assert sorted(summary.estep_log) == [1, 2]
+    for entry in summary.estep_log.values():
+        assert sorted(entry["ranks"]) == [0, 1]
+    assert len({e["ref"] for e in summary.estep_log.values()}) == 2  # a new E-step each epoch
+
+    losses = _history(summary, "loss")
+    assert [step for step, _ in losses] == [0, 1, 2]
+    assert all(math.isfinite(v) for _, v in losses)
+    assert [s for s, _ in _history(summary, "loss_proto")] == [1, 2]
+    assert [s for s, _ in _history(summary, "knn_holdout")] == [0, 1, 2]
+    assert summary.metrics["test_knn"] > 0.5 and summary.metrics["pixels_knn"] > 0.5
+    assert {"config.yaml", "estep_log.json", "plots/embedding_by_label.png",
+            "plots/embedding_by_cluster.png", "plots/prototype_neighbours.png",
+            "checkpoint/final_checkpoint.pt"} <= _artifacts(summary)
+
+    # the checkpoint loads with weights_only=True and carries the last prototypes
+    state = torch.load(Path(summary.checkpoint) / "state.pt", weights_only=True)
+    assert state["epoch"] == 2
+    protos = Prototypes.from_state_dict(state["prototypes"])
+    assert protos.num_clusters == [20, 40] and protos.epoch == 2
+    assert np.isclose(protos.density[0].mean(), 0.2, atol=1e-5)
+
+
+def test_killed_worker_resumes_from_checkpoint(ray_cluster, tiny_config, tmp_path):
+    summary = train(tiny_config(), evaluate=False,
+                    faults={"kill_worker_epoch": 0, "kill_rank": 1, "marker_dir": str(tmp_path)})
+    assert (tmp_path / "worker_killed").exists()  # the SIGKILL really happened
+    steps = [step for step, _ in _history(summary, "loss")]
+    assert steps == [0, 1, 2]  # all epochs trained, none logged twice
+    assert torch.load(Path(summary.checkpoint) / "state.pt", weights_only=True)["epoch"] == 2
+
+
+def test_prototype_actor_killed_during_estep(ray_cluster, tiny_config, tmp_path):
+    summary = train(tiny_config(), evaluate=False,
+                    faults={"kill_actor_epoch": 1, "marker_dir": str(tmp_path)})
+    assert (tmp_path / "actor_killed").exists()
+    # the restarted actor lost its state, the workers resubmitted, epoch 1's E-step was redone
+    assert 1 in summary.estep_log and sorted(summary.estep_log[1]["ranks"]) == [0, 1]
+    assert [s for s, _ in _history(summary, "loss_proto")] == [1, 2]
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(ray_cluster, tiny_config, tmp_path):
+    with pytest.raises(TrainingStopped, match=r"epoch 1 step 0") as info:
+        train(tiny_config(), evaluate=False, faults={"nan_epoch": 1})
+    message = str(info.value)
+    checkpoint = Path(message.split("last good checkpoint: ")[1])
+    state = torch.load(checkpoint / "state.pt", weights_only=True)
+    assert state["epoch"] == 0
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
