@@ -16,6 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from methods.registry import available, hyperparameters
 
+# PCL's paper warm-up is 20 of 200 epochs; the CPU-sized default (20 epochs) keeps that ratio.
+DEFAULT_METHOD = {"name": "pcl", "warmup_epochs": 2}
+
 # Training-set sizes of the built-in datasets, so cluster counts can be checked before loading.
 KNOWN_TRAIN_SIZES = {"fashion_mnist": 60_000, "digits": 1_347}
 
@@ -61,31 +64,32 @@ class MethodConfig(BaseModel):
     @model_validator(mode="after")
     def _check_hyperparameters(self) -> MethodConfig:
         if self.name not in available():
-            raise ValueError(f"unknown method {self.name!r}; choose one of {', '.join(available())}")
+            raise ValueError(f"method.name: unknown method {self.name!r}; "
+                             f"choose one of {', '.join(available())}")
         allowed = hyperparameters(self.name)
         for key, value in (self.model_extra or {}).items():
             if key not in allowed:
-                raise ValueError(f"{self.name} has no hyperparameter {key!r}; it takes "
+                raise ValueError(f"method.{key}: {self.name} has no such hyperparameter; it takes "
                                  f"{', '.join(sorted(allowed))}")
             default = allowed[key]
             if isinstance(default, bool) and not isinstance(value, bool):
-                raise ValueError(f"{key} must be true or false (got {value!r})")
+                raise ValueError(f"method.{key} must be true or false (got {value!r})")
             if isinstance(default, (int, float)) and not isinstance(default, bool) and (
                     isinstance(value, bool) or not isinstance(value, (int, float))):
-                raise ValueError(f"{key} must be a number (got {value!r})")
+                raise ValueError(f"method.{key} must be a number (got {value!r})")
             if isinstance(default, int) and not isinstance(default, bool) and isinstance(value, float):
-                raise ValueError(f"{key} must be an integer (got {value!r})")
+                raise ValueError(f"method.{key} must be an integer (got {value!r})")
         for key, low, strict in (("temperature", 0, True), ("momentum", 0, False),
                                  ("proto_weight", 0, False), ("lambda_", 0, False),
                                  ("gamma", 0, False)):
             value = self.hparams.get(key)
             if value is not None and (value <= low if strict else value < low):
-                raise ValueError(f"{key} must be {'>' if strict else '>='} {low} (got {value})")
+                raise ValueError(f"method.{key} must be {'>' if strict else '>='} {low} (got {value})")
         if self.hparams.get("momentum", 0) >= 1:
-            raise ValueError(f"momentum must be < 1 (got {self.hparams['momentum']})")
+            raise ValueError(f"method.momentum must be < 1 (got {self.hparams['momentum']})")
         for key in ("queue_size", "num_negative_prototypes", "proj_dim", "proj_hidden_dim"):
             if key in self.hparams and self.hparams[key] < 1:
-                raise ValueError(f"{key} must be >= 1 (got {self.hparams[key]})")
+                raise ValueError(f"method.{key} must be >= 1 (got {self.hparams[key]})")
         return self
 
     @property
@@ -140,7 +144,7 @@ class ExperimentConfig(Section):
     seed: int = 0
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
-    method: MethodConfig = Field(default_factory=MethodConfig)
+    method: MethodConfig = Field(default_factory=lambda: MethodConfig(**DEFAULT_METHOD))
     optim: OptimConfig = Field(default_factory=OptimConfig)
     clustering: ClusteringConfig = Field(default_factory=ClusteringConfig)
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
@@ -201,7 +205,9 @@ def _format(error: ValidationError) -> str:
         if item["type"] == "extra_forbidden":
             msg = "unknown key (check its spelling and section)"
         shown = "" if item["type"] in ("extra_forbidden", "value_error") else f" (got {item['input']!r})"
-        lines.append(f"{loc or 'config'}: {msg}{shown}")
+        # cross-field checks already start with the full field name (method.temperature ...)
+        named = not loc or msg.startswith(loc + ".")
+        lines.append(f"{msg}{shown}" if named else f"{loc}: {msg}{shown}")
     return "; ".join(lines)
 
 
@@ -232,6 +238,9 @@ def build_config(tree: dict[str, Any] | None = None, overrides: list[str] = ()) 
     tree = yaml.safe_load(yaml.safe_dump(tree))  # deep copy, plain types
     for text in overrides:
         set_path(tree, *parse_override(text))
+    method = tree.get("method")
+    if isinstance(method, dict) and "name" not in method:
+        tree["method"] = {**DEFAULT_METHOD, **method}  # a method section without a name is PCL's
     try:
         return ExperimentConfig.model_validate(tree)
     except ValidationError as exc:

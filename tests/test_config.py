@@ -1,0 +1,134 @@
+"""Every bad configuration gives a one-line message naming the field; the CLI exits with 2."""
+
+from __future__ import annotations
+
+import pytest
+
+from orchestration.cli import main
+from orchestration.config import ConfigError, build_config, load_config, to_yaml
+
+INVALID = [
+    # (overrides, a fragment the message must contain)
+    (["method.temperature=0"], "temperature"),
+    (["method.temperature=-0.1"], "temperature"),
+    (["method.temperature=abc"], "temperature"),
+    (["method.momentum=1.0"], "momentum"),
+    (["method.momentum=-0.5"], "momentum"),
+    (["method.proto_weight=-1"], "proto_weight"),
+    (["method.queue_size=0"], "queue_size"),
+    (["method.queue_size=12.5"], "queue_size"),
+    (["method.num_negative_prototypes=0"], "num_negative_prototypes"),
+    (["method.warmup_epochs=20", "optim.epochs=20"], "warmup_epochs"),
+    (["method.warmup_epochs=30", "optim.epochs=20"], "warmup_epochs"),
+    (["method.name=nosuch"], "unknown method"),
+    (["method.nosuch=1"], "nosuch"),
+    (["method.name=simclr", "method.queue_size=10"], "queue_size"),
+    (["method.gather_distributed=3", "method.name=simclr"], "gather_distributed"),
+    (["clustering.num_clusters=[1, 10]"], "num_clusters"),
+    (["clustering.num_clusters=[]"], "num_clusters"),
+    (["clustering.num_clusters=[10, 60000]"], "num_clusters"),
+    (["clustering.num_clusters=[10, 2000]", "data.name=digits"], "num_clusters"),
+    (["clustering.num_clusters=ten"], "num_clusters"),
+    (["clustering.nredo=0"], "nredo"),
+    (["clustering.cpus=0"], "cpus"),
+    (["optim.batch_size=255", "scaling.num_workers=2"], "batch_size"),
+    (["optim.batch_size=1"], "batch_size"),
+    (["optim.batch_size=4096", "data.name=digits"], "batch_size"),
+    (["optim.lr=0"], "lr"),
+    (["optim.lr=-1"], "lr"),
+    (["optim.momentum=1"], "momentum"),
+    (["optim.weight_decay=-1e-4"], "weight_decay"),
+    (["optim.epochs=0"], "epochs"),
+    (["optim.nosuch=1"], "nosuch"),
+    (["scaling.num_workers=0"], "num_workers"),
+    (["scaling.cpus_per_worker=0"], "cpus_per_worker"),
+    (["scaling.use_gpu=maybe"], "use_gpu"),
+    (["data.name=imagenet"], "data.name"),
+    (["data.views=nosuch"], "views"),
+    (["data.crop_min_scale=0"], "crop_min_scale"),
+    (["data.crop_min_scale=1.5"], "crop_min_scale"),
+    (["data.limit=1"], "limit"),
+    (["model.backbone=vgg"], "backbone"),
+    (["nosection.x=1"], "nosection"),
+    (["seed=abc"], "seed"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "fragment"), INVALID, ids=[" ".join(o) for o, _ in INVALID])
+def test_invalid_config_is_one_clear_line(overrides, fragment):
+    with pytest.raises(ConfigError) as info:
+        build_config({}, overrides)
+    message = str(info.value)
+    assert "\n" not in message and "Traceback" not in message
+    assert fragment in message
+
+
+def test_there_are_at_least_30_invalid_configs():
+    assert len(INVALID) >= 30
+
+
+def test_malformed_override_and_files(tmp_path):
+    with pytest.raises(ConfigError, match="expected section.field=value"):
+        build_config({}, ["method.temperature"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("method: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("42\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(scalar)
+
+
+def test_defaults_are_pcl_on_fashion_mnist_and_round_trip():
+    cfg = build_config()
+    assert (cfg.method.name, cfg.data.name) == ("pcl", "fashion_mnist")
+    assert cfg.tracking.tracking_uri == "sqlite:///mlruns.db"
+    again = build_config(__import__("yaml").safe_load(to_yaml(cfg)))
+    assert again == cfg
+    flat = cfg.flat()
+    assert flat["method.temperature"] == 0.2 and flat["clustering.num_clusters"] == [50, 100, 200]
+
+
+def test_overrides_are_typed_yaml_values():
+    cfg = build_config({}, ["method.temperature=0.1", "clustering.num_clusters=[10, 20]",
+                            "scaling.use_gpu=true"])
+    assert cfg.method.hparams["temperature"] == 0.1
+    assert cfg.clustering.num_clusters == [10, 20] and cfg.scaling.use_gpu is True
+
+
+def test_every_shipped_config_is_valid():
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+    assert configs
+    for path in configs:
+        load_config(path)
+
+
+def test_cli_bad_config_exits_2_with_one_line(capsys):
+    assert main(["train", "--set", "method.temperature=-1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "method.temperature" in err
+
+
+def test_cli_missing_checkpoint_exits_2(capsys, tmp_path):
+    assert main(["eval", str(tmp_path / "nope.pt")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_cli_corrupt_checkpoint_exits_2(capsys, tmp_path):
+    path = tmp_path / "state.pt"
+    path.write_bytes(b"not a checkpoint")
+    assert main(["eval", str(path)]) == 2
+    assert str(path) in capsys.readouterr().err
+
+
+def test_cli_help_lists_subcommands(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert "train" in out and "eval" in out
