@@ -1,0 +1,99 @@
+"""PCL, MoCo v2 and SimCLR on Fashion-MNIST for a fixed epoch budget on this machine, evaluated
+beside raw pixels: kNN (k=200, InstDisc weighting), linear probe, and AMI/NMI/ARI of k-means
+(K=10) on the test split.
+
+Runs the plain single-process ``methods.training.fit`` (the path the Ray workers reuse), all
+methods with the same backbone, views, batch and schedule, so rows differ only by the method.
+
+    python benchmarks/fashion_mnist.py --epochs 10                # every method, 10 epochs each
+    python benchmarks/fashion_mnist.py --methods pcl --epochs 30
+
+The last line is JSON with the headline figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+import torch
+
+from methods.backbones import build_backbone
+from methods.data import load_fashion_mnist
+from methods.evaluation import evaluate
+from methods.registry import build_method
+from methods.training import OptimConfig, encode, fit
+from methods.views import view_spec
+
+# Shared settings, chosen for a 2-core CPU; each method keeps its paper temperature family.
+HPARAMS = {
+    "simclr": {"temperature": 0.2, "proj_hidden_dim": 512},
+    "moco": {"temperature": 0.2, "momentum": 0.99, "queue_size": 16384, "proj_hidden_dim": 512},
+    "pcl": {"temperature": 0.2, "momentum": 0.99, "queue_size": 16384, "proj_hidden_dim": 512,
+            "num_negative_prototypes": 1000},
+}
+
+
+def run_method(name: str, train, test, epochs: int, batch_size: int, lr: float,
+               num_clusters: list[int], seed: int) -> dict[str, float]:
+    torch.manual_seed(seed)
+    hparams = dict(HPARAMS[name])
+    if name == "pcl":
+        hparams["warmup_epochs"] = max(1, epochs // 10)  # the paper's 20 of 200
+    method = build_method(name, build_backbone("convnet", 1, 28), view_spec("small", size=28),
+                          seed=seed, **hparams)
+    start = time.perf_counter()
+    history = fit(method, train, epochs, batch_size, OptimConfig(lr=lr), num_clusters,
+                  kmeans_temperature=hparams["temperature"], seed=seed,
+                  on_epoch_end=lambda e, m: print(f"  {name} epoch {e}: loss {m['loss']:.3f} "
+                                                  f"({m['epoch_s']:.0f}s)", flush=True))
+    train_s = time.perf_counter() - start
+    train_x = encode(method.embed, train.images, method)
+    test_x = encode(method.embed, test.images, method)
+    scores = evaluate(train_x, train.labels.numpy(), test_x, test.labels.numpy(), seed)
+    return {**scores, "epochs": epochs, "train_min": train_s / 60,
+            "epoch_s": float(np.median([h["epoch_s"] for h in history]))}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--methods", nargs="+", default=["pcl", "moco", "simclr"], choices=list(HPARAMS))
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--lr", type=float, default=0.06)
+    p.add_argument("--num-clusters", type=int, nargs="+", default=[50, 100, 200])
+    p.add_argument("--limit", type=int, default=None, help="train on the first N images only")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+
+    train, test = load_fashion_mnist(split="train"), load_fashion_mnist(split="test")
+    if args.limit:
+        train = train.subset(torch.arange(args.limit))
+    print(f"Fashion-MNIST: {len(train)} train / {len(test)} test, {torch.get_num_threads()} threads, "
+          f"batch {args.batch_size}, {args.epochs} epochs per method")
+
+    rows: dict[str, dict[str, float]] = {}
+    flat = lambda x: x.images.reshape(len(x), -1).float().div(255).numpy()  # noqa: E731
+    rows["raw pixels"] = evaluate(flat(train), train.labels.numpy(), flat(test), test.labels.numpy(),
+                                  args.seed)
+    for name in args.methods:
+        rows[name] = run_method(name, train, test, args.epochs, args.batch_size, args.lr,
+                                args.num_clusters, args.seed)
+
+    cols = ("knn", "linear", "ami", "nmi", "ari")
+    print(f"\n{'method':12}{'epochs':>7}{'s/epoch':>9}{'train min':>10}" + "".join(f"{c:>8}" for c in cols))
+    for name, r in rows.items():
+        timing = (f"{r['epochs']:7d}{r['epoch_s']:9.0f}{r['train_min']:10.1f}" if "epochs" in r
+                  else f"{'-':>7}{'-':>9}{'-':>10}")
+        print(f"{name:12}{timing}" + "".join(f"{r[c]:8.4f}" for c in cols))
+    headline = {f"{name.replace(' ', '_')}_{c}": round(r[c], 4) for name, r in rows.items()
+                for c in ("knn", "linear", "ami")}
+    headline.update({f"{n}_epoch_s": round(r["epoch_s"], 1) for n, r in rows.items() if "epoch_s" in r})
+    headline["epochs"] = args.epochs
+    print(json.dumps(headline))
+
+
+if __name__ == "__main__":
+    main()
