@@ -75,12 +75,13 @@ def concentration(sq_distances: np.ndarray, assignments: np.ndarray, num_cluster
 
 
 def run_kmeans(features: np.ndarray, num_clusters: Sequence[int], temperature: float = 0.2,
-               seed: int = 0, niter: int = 20, nredo: int = 1) -> Prototypes:
+               seed: int = 0, niter: int = 20, nredo: int = 5) -> Prototypes:
     """k-means for every K in ``num_clusters`` on ``features`` ``[N, C]``.
 
-    faiss settings follow PCL's official code (20 iterations, at most 1000 and at least 10 points
-    per centroid for the training sample); ``nredo`` restarts keep the lowest-objective run. Uses
-    the GPU when this faiss build has one.
+    faiss settings follow PCL's official code (20 iterations, 5 restarts keeping the lowest
+    objective, at most 1000 and at least 10 points per centroid for the training sample). Fewer
+    restarts are faster but measurably worse (3 separated blobs: ARI 0.44 with 1, 1.0 with 5).
+    Uses the GPU when this faiss build has one.
     """
     import time
 

@@ -146,9 +146,11 @@ def load_image_folder(root: str | Path, image_size: int = 32) -> ImageDataset:
     if not root.is_dir():
         raise DatasetNotFoundError(f"image folder {root} does not exist; set data.root to a folder "
                                    "with one sub-folder of images per class")
-    folder = ImageFolder(str(root))
-    if len(folder) == 0:
-        raise DatasetNotFoundError(f"image folder {root} holds no images")
+    try:
+        folder = ImageFolder(str(root))
+    except FileNotFoundError as exc:  # no class folders, or no images in them
+        raise DatasetNotFoundError(f"image folder {root} holds no images in class sub-folders "
+                                   f"({exc})") from exc
     images = []
     for path, _ in folder.samples:
         image = F.pil_to_tensor(folder.loader(path))

@@ -127,7 +127,8 @@ def encode(fn: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, met
 
 def fit(method: Method, dataset: ImageDataset, epochs: int, batch_size: int,
         optim: OptimConfig | None = None, num_clusters: Sequence[int] = (),
-        kmeans_temperature: float = 0.2, seed: int = 0, device: str | torch.device = "cpu",
+        kmeans_temperature: float = 0.2, seed: int = 0, nredo: int = 5,
+        device: str | torch.device = "cpu",
         on_epoch_end: Callable[[int, dict[str, float]], None] | None = None
         ) -> list[dict[str, float]]:
     """Train ``method`` in this process; returns one metrics dict per epoch."""
@@ -141,7 +142,8 @@ def fit(method: Method, dataset: ImageDataset, epochs: int, batch_size: int,
         prototypes, estep_s = None, 0.0
         if method.needs_prototypes and epoch >= method.prototype_warmup_epochs:
             features = encode(method.cluster_embed, dataset.images, method, device=device)
-            found: Prototypes = run_kmeans(features, num_clusters, kmeans_temperature, seed + epoch)
+            found: Prototypes = run_kmeans(features, num_clusters, kmeans_temperature, seed + epoch,
+                                           nredo=nredo)
             prototypes, estep_s = found.on_device(device), time.perf_counter() - start
         batches = epoch_batches(len(dataset), batch_size, epoch, seed)
         metrics = train_epoch(method, dataset, batches, optimizer, scheduler, epoch, prototypes,

@@ -57,7 +57,7 @@ PRESETS: dict[str, ViewSpec] = {
     # Small grayscale images (Fashion-MNIST, digits): milder crops, no blur on 8..28 px.
     "small": ViewSpec(crop_scale=(0.3, 1.0), blur_p=0.0),
     # 8x8 digits: a flip changes a digit's meaning and a small crop leaves a few pixels.
-    "digits": ViewSpec(crop_scale=(0.5, 1.0), flip_p=0.0, blur_p=0.0),
+    "digits": ViewSpec(crop_scale=(0.7, 1.0), flip_p=0.0, blur_p=0.0),
 }
 
 
@@ -84,11 +84,17 @@ def crop_and_flip(x: torch.Tensor, spec: ViewSpec, generator: torch.Generator | 
     """
     b, c = x.shape[:2]
     size = spec.size or x.shape[-1]
-    area = _uniform(b, *spec.crop_scale, generator)
-    log_ratio = _uniform(b, math.log(spec.crop_ratio[0]), math.log(spec.crop_ratio[1]), generator)
-    ratio = log_ratio.exp()
-    w = (area * ratio).sqrt().clamp(max=1.0)
-    h = (area / ratio).sqrt().clamp(max=1.0)
+    # As torchvision: redraw boxes that do not fit in the image (up to 10 tries), then fall back
+    # to the whole image, so the crop never covers less than crop_scale asks.
+    w, h = torch.ones(b), torch.ones(b)
+    todo = torch.ones(b, dtype=torch.bool)
+    for _ in range(10):
+        area = _uniform(b, *spec.crop_scale, generator)
+        ratio = _uniform(b, math.log(spec.crop_ratio[0]), math.log(spec.crop_ratio[1]), generator).exp()
+        new_w, new_h = (area * ratio).sqrt(), (area / ratio).sqrt()
+        fits = todo & (new_w <= 1) & (new_h <= 1)
+        w, h = torch.where(fits, new_w, w), torch.where(fits, new_h, h)
+        todo &= ~fits
     cx = (torch.rand(b, generator=generator) * 2 - 1) * (1 - w)
     cy = (torch.rand(b, generator=generator) * 2 - 1) * (1 - h)
     flip = torch.where(_bernoulli(b, spec.flip_p, generator), -1.0, 1.0)

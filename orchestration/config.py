@@ -114,7 +114,7 @@ class OptimConfig(Section):
 class ClusteringConfig(Section):
     num_clusters: list[int] = Field(default_factory=lambda: [50, 100, 200], min_length=1)
     niter: int = Field(20, ge=1)
-    nredo: int = Field(1, ge=1)
+    nredo: int = Field(5, ge=1, description="k-means restarts (PCL's official value is 5)")
     cpus: float = Field(1, gt=0, description="CPUs reserved for the prototype actor")
 
     @field_validator("num_clusters")

@@ -139,10 +139,11 @@ def test_load_image_folder_missing_or_empty(tmp_path):
     with pytest.raises(DatasetNotFoundError, match="does not exist") as info:
         load_image_folder(tmp_path / "nope")
     assert str(tmp_path / "nope") in str(info.value)
-    # an empty tree is reported as missing too (torchvision's FileNotFoundError, or ours)
+    # an empty tree is reported as missing too, with our error naming the folder
     (tmp_path / "empty" / "a").mkdir(parents=True)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(DatasetNotFoundError, match="holds no images") as info:
         load_image_folder(tmp_path / "empty")
+    assert str(tmp_path / "empty") in str(info.value)
 
 
 def test_load_dataset_dispatch(tmp_path):

@@ -56,7 +56,8 @@ def test_torchvision_v2_crops_a_batch_identically():
 
 
 def test_seed_determinism():
-    batch = torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    batch = torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8, generator=g)
     spec = view_spec("simclr", size=12)
     a = augment(batch, spec, torch.Generator().manual_seed(42))
     b = augment(batch, spec, torch.Generator().manual_seed(42))
@@ -149,3 +150,23 @@ def test_unknown_preset_raises():
         assert name in str(info.value)
     assert view_spec("digits", size=12).size == 12
     assert view_spec("digits").flip_p == 0.0
+
+
+def test_full_scale_crop_with_default_ratio_is_the_whole_image():
+    """A box that cannot fit (area 1 with aspect != 1) is redrawn and then falls back to the whole
+    image, as torchvision does, instead of being clamped to a smaller crop."""
+    images = torch.randint(0, 256, (16, 1, 28, 28), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
+    spec = ViewSpec(crop_scale=(1.0, 1.0), flip_p=0.0, jitter_p=0.0, blur_p=0.0)
+    out = augment(images, spec, torch.Generator().manual_seed(0))
+    assert torch.allclose(out, to_input(images, spec), atol=1e-5)
+
+
+def test_crop_never_covers_less_than_min_scale():
+    """With scale (0.9, 1) every crop is nearly the whole image: the view stays close to the
+    input (a clamped box of area 0.9 * 0.75 would move pixels much further)."""
+    images = _asymmetric_image().expand(64, -1, -1, -1).contiguous()
+    spec = ViewSpec(crop_scale=(0.9, 1.0), flip_p=0.0, jitter_p=0.0, blur_p=0.0)
+    out = augment(images, spec, torch.Generator().manual_seed(1))
+    base = to_input(images, spec)
+    assert (out - base).abs().mean() < 0.5 * base.abs().mean()

@@ -1,0 +1,81 @@
+"""Representation probes on features whose answer is known."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from methods.evaluation import cluster_scores, embedding_plot, evaluate, knn_accuracy, linear_probe_accuracy
+
+
+def _blobs(n_per: int, num_classes: int = 4, dim: int = 16, seed: int = 0, spread: float = 0.2):
+    rng = np.random.default_rng(seed)
+    centers = np.eye(dim)[:num_classes] * 5.0
+    x = np.concatenate([c + rng.normal(scale=spread, size=(n_per, dim)) for c in centers])
+    y = np.repeat(np.arange(num_classes), n_per)
+    perm = rng.permutation(len(x))
+    return x[perm].astype(np.float32), y[perm]
+
+
+def test_knn_separable_is_perfect():
+    train, train_y = _blobs(50, seed=0)
+    test, test_y = _blobs(20, seed=1)
+    assert knn_accuracy(train, train_y, test, test_y, k=20) == 1.0
+    # k larger than the bank is clipped, not an error; 200 neighbours of 4 equal classes still vote right
+    assert knn_accuracy(train, train_y, test, test_y) == 1.0
+
+
+def test_knn_random_labels_is_chance():
+    rng = np.random.default_rng(0)
+    train, test = rng.normal(size=(1000, 16)), rng.normal(size=(1000, 16))
+    train_y, test_y = rng.integers(0, 10, 1000), rng.integers(0, 10, 1000)
+    acc = knn_accuracy(train, train_y, test, test_y, k=50)
+    assert 0.05 < acc < 0.16
+
+
+def test_knn_prefers_nearer_neighbours():
+    # one query near class 1's single point and far from class 0's three points: weighted voting
+    # with a small temperature lets the close neighbour win
+    train = np.array([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [0.1, 1.0]])
+    labels = np.array([1, 0, 0, 0])
+    test = np.array([[1.0, 0.05]])
+    assert knn_accuracy(train, labels, test, np.array([1]), k=4, temperature=0.05) == 1.0
+    assert knn_accuracy(train, labels, test, np.array([1]), k=4, temperature=100.0) == 0.0
+
+
+def test_linear_probe_separable():
+    train, train_y = _blobs(40, seed=0)
+    test, test_y = _blobs(20, seed=1)
+    assert linear_probe_accuracy(train, train_y, test, test_y) == 1.0
+    rng = np.random.default_rng(0)
+    noise = rng.normal(size=(400, 16))
+    acc = linear_probe_accuracy(noise[:200], rng.integers(0, 4, 200), noise[200:], rng.integers(0, 4, 200))
+    assert acc < 0.45
+
+
+def test_cluster_scores_separable():
+    x, y = _blobs(60, seed=2)
+    scores = cluster_scores(x, y)
+    assert set(scores) == {"ami", "nmi", "ari"}
+    assert scores["ami"] == pytest.approx(1.0, abs=1e-6)
+    assert scores["ari"] == pytest.approx(1.0, abs=1e-6)
+    shuffled = cluster_scores(x, np.random.default_rng(0).permutation(y))
+    assert shuffled["ami"] < 0.05
+
+
+def test_evaluate_keys():
+    train, train_y = _blobs(30, seed=0)
+    test, test_y = _blobs(15, seed=1)
+    out = evaluate(train, train_y, test, test_y)
+    assert set(out) == {"knn", "linear", "ami", "nmi", "ari"}
+    assert out["knn"] == 1.0 and out["linear"] == 1.0 and out["ami"] > 0.99
+
+
+def test_embedding_plot_writes_png(tmp_path):
+    x, y = _blobs(100, seed=3)  # 400 points, 200 plotted
+    path = embedding_plot(x, y, tmp_path / "sub" / "tsne.png", title="blobs",
+                          class_names=("a", "b", "c", "d"), max_points=200)
+    assert path == tmp_path / "sub" / "tsne.png"
+    data = path.read_bytes()
+    assert len(data) > 1000
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
