@@ -8,9 +8,14 @@ What is measured
     backward, SGD step. "train img/s" counts images (``batch_size`` per step, i.e. twice as many
     views). "views/s" is the augmentation pipeline alone, no network: protoray's ``augment`` called
     twice on a uint8 batch, lightly's DataLoader iterated without training. Each figure is the
-    median over ``--repeats`` windows of ``--steps`` steps after 3 warm-up steps; the windows run
-    back to back on one iterator so a DataLoader is timed in its steady state (its start-up and
-    first prefetched batches fall in the warm-up).
+    median over ``--repeats`` timed windows of ``--steps`` steps (more if those take under a
+    second, which only protoray's views-only steps do).
+
+    The machine may be shared, so the windows are interleaved: every repeat times one window of
+    each pipeline in turn (rotating the order), so a burst of outside load lands on all of them
+    rather than on whichever ran last. Every window follows untimed warm-up steps; for a
+    DataLoader with workers there are more of them than batches its workers can prefetch while
+    idle, so a window starts from the loader's steady state and is not handed free batches.
 
 Why per-image PIL in a DataLoader is the baseline
     It is how SimCLR is usually trained with torchvision and lightly (``SimCLRTransform`` maps one
@@ -18,8 +23,9 @@ Why per-image PIL in a DataLoader is the baseline
     not wrong: a torchvision v2 transform applied to a whole ``[B, C, H, W]`` tensor draws one crop
     for the batch. protoray instead augments uint8 batches inside ``training_step`` with per-image
     random parameters (``methods/views.py``). The lightly path runs with each ``--lightly-workers``
-    value and the faster one is its baseline, so on a 2-core machine it is not handicapped by
-    worker processes fighting the training threads (or by having none).
+    value and its faster one is its baseline (separately for training and for views-only), so on a
+    2-core machine it is not handicapped by worker processes fighting the training threads, or by
+    having none.
 
 Run: ``python benchmarks/throughput.py [--steps 20 --repeats 3 --batch-size 256 --lightly-workers 0 2]``.
 The last line of the output is one JSON object with the headline figures.
@@ -29,9 +35,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import statistics
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -45,6 +54,7 @@ from methods.registry import build_method
 from methods.views import ViewSpec, augment, view_spec
 
 WARMUP = 3
+MIN_WINDOW_S = 1.0
 PROJ_HIDDEN, PROJ_OUT = 512, 128
 TEMPERATURE = 0.5
 
@@ -53,30 +63,39 @@ def _sgd(params) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=0.06, momentum=0.9, weight_decay=5e-4)
 
 
-def _time_windows(step: Callable[[], None], steps: int, repeats: int) -> list[float]:
-    """Seconds for each of ``repeats`` consecutive windows of ``steps`` calls, after a warm-up."""
-    for _ in range(WARMUP):
+@dataclass
+class Pipeline:
+    """A name, a views-only step and a training step (each one batch), and the seconds per window."""
+
+    name: str
+    view_step: Callable[[], None]
+    train_step: Callable[[], float]
+    warmup: int = WARMUP
+    close: Callable[[], None] = lambda: None
+    steps_per_s: dict[str, list[float]] = field(default_factory=lambda: {"views": [], "train": []})
+    first_loss: float = float("nan")
+
+
+def time_window(pipe: Pipeline, kind: str, steps: int) -> None:
+    """Warm up, then time ``steps`` steps, or more until ``MIN_WINDOW_S`` has passed (a window of
+    protoray's views-only steps is otherwise a few tens of ms, at the mercy of the scheduler)."""
+    step = pipe.view_step if kind == "views" else pipe.train_step
+    for _ in range(pipe.warmup):
+        out = step()
+        if kind == "train" and math.isnan(pipe.first_loss):
+            pipe.first_loss = out
+    done, start = 0, time.perf_counter()
+    while done < steps or time.perf_counter() - start < MIN_WINDOW_S:
         step()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(steps):
-            step()
-        times.append(time.perf_counter() - start)
-    return times
-
-
-def _rate(times: list[float], items_per_window: int) -> float:
-    return statistics.median(items_per_window / t for t in times)
+        done += 1
+    pipe.steps_per_s[kind].append(done / (time.perf_counter() - start))
 
 
 # ---------------------------------------------------------------------------------------------
 # protoray: uint8 batch indexed from the in-memory tensor, views made inside training_step
 
 
-def protoray_rates(dataset: ImageDataset, spec: ViewSpec, batch_size: int, steps: int, repeats: int
-                   ) -> tuple[float, float, float]:
-    """(views/s, train img/s, first loss)."""
+def protoray_pipeline(dataset: ImageDataset, spec: ViewSpec, batch_size: int) -> Pipeline:
     gen = torch.Generator().manual_seed(0)
     n = len(dataset)
 
@@ -88,14 +107,11 @@ def protoray_rates(dataset: ImageDataset, spec: ViewSpec, batch_size: int, steps
         augment(images, spec, gen)
         augment(images, spec, gen)
 
-    view_times = _time_windows(view_step, steps, repeats)
-
     method = build_method("simclr", build_backbone("convnet", 1, 28), spec, proj_hidden_dim=PROJ_HIDDEN)
     method.train()
     opt = _sgd(method.parameters())
-    losses: list[float] = []
 
-    def train_step() -> None:
+    def train_step() -> float:
         idx = next_indices()
         batch = Batch(idx, dataset.images[idx], dataset.labels[idx])
         loss, _ = method.training_step(batch)
@@ -103,18 +119,17 @@ def protoray_rates(dataset: ImageDataset, spec: ViewSpec, batch_size: int, steps
         loss.backward()
         opt.step()
         method.on_step_end()
-        losses.append(loss.item())
+        return loss.item()
 
-    train_times = _time_windows(train_step, steps, repeats)
-    return _rate(view_times, 2 * batch_size * steps), _rate(train_times, batch_size * steps), losses[0]
+    return Pipeline("protoray (batched views in training_step)", view_step, train_step)
 
 
 # ---------------------------------------------------------------------------------------------
-# lightly: PIL "L" images through SimCLRTransform in DataLoader workers
+# lightly: PIL "L" images through SimCLRTransform in a DataLoader
 
 
 class PILDataset(torch.utils.data.Dataset):
-    """Fashion-MNIST uint8 rows as grayscale PIL images, through a per-image transform."""
+    """Fashion-MNIST uint8 rows as grayscale (mode "L") PIL images, through a per-image transform."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform: Callable):
         self.images = images[:, 0].numpy()  # [N, H, W] uint8
@@ -131,8 +146,8 @@ class PILDataset(torch.utils.data.Dataset):
 def lightly_transform(spec: ViewSpec):
     """lightly's SimCLRTransform set as close to protoray's 1-channel moco_v2 spec as it allows.
 
-    Saturation, hue and random grayscale are no-ops on one channel in protoray (it skips them), so
-    they are 0 here; torchvision then leaves them out of ColorJitter.
+    protoray skips saturation, hue and random grayscale on one channel, so they are 0 here and
+    torchvision leaves them out of ColorJitter; normalisation is protoray's one-channel mean/std.
     """
     from lightly.transforms import SimCLRTransform
 
@@ -158,50 +173,42 @@ def _forever(loader: torch.utils.data.DataLoader) -> Iterator:
         yield from loader
 
 
-def lightly_rates(dataset: ImageDataset, spec: ViewSpec, batch_size: int, steps: int, repeats: int,
-                  workers: int) -> tuple[float, float, float]:
-    """(views/s, train img/s, first loss) with ``workers`` DataLoader processes."""
+def lightly_pipeline(dataset: ImageDataset, spec: ViewSpec, batch_size: int, workers: int) -> Pipeline:
     from lightly.loss import NTXentLoss
     from lightly.models.modules import SimCLRProjectionHead
 
-    pil = PILDataset(dataset.images, dataset.labels, lightly_transform(spec))
-
-    def make_loader() -> Iterator:
-        loader = torch.utils.data.DataLoader(
-            pil, batch_size=batch_size, shuffle=True, num_workers=workers, drop_last=True,
-            persistent_workers=workers > 0, generator=torch.Generator().manual_seed(0),
-        )
-        return _forever(loader)
-
-    views = make_loader()
+    loader = torch.utils.data.DataLoader(
+        PILDataset(dataset.images, dataset.labels, lightly_transform(spec)), batch_size=batch_size,
+        shuffle=True, num_workers=workers, drop_last=True, persistent_workers=workers > 0,
+        generator=torch.Generator().manual_seed(0),
+    )
+    # Idle workers fill the prefetch queue; warm-up drains it so the window starts steady.
+    prefetched = workers * (loader.prefetch_factor or 0)
+    batches = _forever(loader)
+    size = spec.size or 28
 
     def view_step() -> None:
-        (x0, x1), _ = next(views)
-        assert x0.shape == (batch_size, 1, spec.size or 28, spec.size or 28), x0.shape
-
-    view_times = _time_windows(view_step, steps, repeats)
-    views.close()  # drops the loader, so its worker processes exit
+        (x0, x1), _ = next(batches)
+        if x0.shape != (batch_size, 1, size, size):
+            raise RuntimeError(f"lightly views have shape {tuple(x0.shape)}")
 
     backbone = build_backbone("convnet", 1, 28)
     model = nn.Sequential(backbone, SimCLRProjectionHead(backbone.feature_dim, PROJ_HIDDEN, PROJ_OUT))
     model.train()
     criterion = NTXentLoss(temperature=TEMPERATURE)
     opt = _sgd(model.parameters())
-    batches = make_loader()
-    losses: list[float] = []
 
-    def train_step() -> None:
+    def train_step() -> float:
         (x0, x1), _ = next(batches)
         z0, z1 = model(torch.cat([x0, x1])).chunk(2)
         loss = criterion(z0, z1)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        losses.append(loss.item())
+        return loss.item()
 
-    train_times = _time_windows(train_step, steps, repeats)
-    batches.close()
-    return _rate(view_times, 2 * batch_size * steps), _rate(train_times, batch_size * steps), losses[0]
+    return Pipeline(f"lightly (PIL SimCLRTransform, num_workers={workers})", view_step, train_step,
+                    warmup=max(WARMUP, prefetched + 1), close=batches.close)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,15 +216,15 @@ def lightly_rates(dataset: ImageDataset, spec: ViewSpec, batch_size: int, steps:
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per repeat")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per window")
     parser.add_argument("--repeats", type=int, default=3, help="timed windows; the median is reported")
     parser.add_argument("--batch-size", type=int, default=256, help="images per step (2 views each)")
     parser.add_argument("--lightly-workers", type=int, nargs="+", default=[0, 2],
                         help="DataLoader num_workers values to try for lightly; the fastest is its baseline")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (both pipelines)")
     args = parser.parse_args(argv)
-    if args.steps < 1 or args.repeats < 1 or args.batch_size < 2:
-        parser.error("--steps and --repeats must be >= 1 and --batch-size >= 2")
+    if args.steps < 1 or args.repeats < 1 or args.batch_size < 2 or min(args.lightly_workers) < 0:
+        parser.error("--steps, --repeats >= 1, --batch-size >= 2, --lightly-workers >= 0")
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -226,29 +233,41 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     spec = view_spec("moco_v2", size=28)
     b, s, r = args.batch_size, args.steps, args.repeats
     print(f"SimCLR step on Fashion-MNIST: convnet(1 ch, 28 px) + {PROJ_HIDDEN}-{PROJ_OUT} head, batch {b}, "
-          f"{s} steps x {r} repeats after {WARMUP} warm-up, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads")
+          f"{s} steps x {r} interleaved repeats, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
+          f"load average {os.getloadavg()[0]:.2f} at start")
 
-    rows: list[tuple[str, float, float, float]] = []
-    p_views, p_train, p_loss = protoray_rates(dataset, spec, b, s, r)
-    rows.append(("protoray (batched views in training_step)", p_views, p_train, p_loss))
-    lightly_runs = []
-    for workers in args.lightly_workers:
-        l_views, l_train, l_loss = lightly_rates(dataset, spec, b, s, r, workers)
-        lightly_runs.append((workers, l_views, l_train))
-        rows.append((f"lightly (PIL SimCLRTransform, num_workers={workers})", l_views, l_train, l_loss))
+    pipes = [protoray_pipeline(dataset, spec, b)]
+    pipes += [lightly_pipeline(dataset, spec, b, w) for w in args.lightly_workers]
+    try:
+        for rep in range(r):
+            order = pipes[rep % len(pipes):] + pipes[:rep % len(pipes)]
+            for kind in ("views", "train"):
+                for pipe in order:
+                    time_window(pipe, kind, s)
+    finally:
+        for pipe in pipes:
+            pipe.close()  # drops a loader, so its worker processes exit
 
-    width = max(len(name) for name, *_ in rows)
-    print(f"\n{'pipeline':<{width}}  {'views/s':>10}  {'train img/s':>12}  {'first loss':>10}")
-    for name, views, train, loss in rows:
-        print(f"{name:<{width}}  {views:>10.0f}  {train:>12.1f}  {loss:>10.3f}")
-    print("(median over repeats; views/s = augmentation only, 2 views per image; "
-          "train img/s = images per second of the full step)")
+    rates = [(p.name, 2 * b * statistics.median(p.steps_per_s["views"]),
+              b * statistics.median(p.steps_per_s["train"]), p.first_loss) for p in pipes]
+    width = max(len(name) for name, *_ in rates)
+    print(f"\n{'pipeline':<{width}}  {'views/s':>10}  {'train img/s':>12}  {'train min..max':>15}  "
+          f"{'first loss':>10}")
+    for pipe, (name, views, train, loss) in zip(pipes, rates, strict=True):
+        spread = sorted(b * rate for rate in pipe.steps_per_s["train"])
+        print(f"{name:<{width}}  {views:>10.0f}  {train:>12.1f}  {spread[0]:>7.0f}..{spread[-1]:<6.0f}  "
+              f"{loss:>10.3f}")
+    print("(medians over repeats; views/s = augmentation only, 2 views per image; "
+          "train img/s = images per second of the whole step)")
+    print(f"load average {os.getloadavg()[0]:.2f} at end")
 
-    best_workers, _, l_train = max(lightly_runs, key=lambda run: run[2])
-    view_workers, l_views, _ = max(lightly_runs, key=lambda run: run[1])
+    _, p_views, p_train, _ = rates[0]
+    lightly = list(zip(args.lightly_workers, rates[1:], strict=True))
+    train_workers, (_, _, l_train, _) = max(lightly, key=lambda item: item[1][2])
+    view_workers, (_, l_views, _, _) = max(lightly, key=lambda item: item[1][1])
     ratio = p_train / l_train
-    print(f"\nlightly baseline: num_workers={best_workers} for training, {view_workers} for views-only "
+    print(f"\nlightly baseline: num_workers={train_workers} for training, {view_workers} for views-only "
           "(its faster setting for each)")
     print(f"training step ratio protoray/lightly: {ratio:.2f}x")
     print(f"views-only ratio protoray/lightly:    {p_views / l_views:.2f}x")
@@ -258,7 +277,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         "lightly_img_per_s": round(l_train, 1),
         "protoray_views_per_s": round(p_views, 1),
         "lightly_views_per_s": round(l_views, 1),
-        "lightly_workers": best_workers,
+        "views_ratio_vs_lightly": round(p_views / l_views, 3),
+        "lightly_train_workers": train_workers,
         "lightly_view_workers": view_workers,
         "batch_size": b,
         "threads": torch.get_num_threads(),
