@@ -45,15 +45,10 @@ class PrototypeService:
             shards = self.shards.get(epoch, {})
             if len(shards) < self.world_size:
                 return None
-            parts = [ray.get(shards[r]) for r in range(self.world_size)]
-            indices = np.concatenate([idx for idx, _ in parts])
-            features = np.concatenate([feat for _, feat in parts])
-            order = np.argsort(indices)  # row i of the matrix is dataset index i
-            if not np.array_equal(indices[order], np.arange(len(indices))):
-                raise ValueError("worker shards do not cover the dataset exactly once")
+            features = self._assemble([ray.get(shards[r]) for r in range(self.world_size)])
             self._inject_death(epoch)
             start = time.perf_counter()
-            found = run_kmeans(features[order], self.num_clusters, self.temperature,
+            found = run_kmeans(features, self.num_clusters, self.temperature,
                                self.seed + epoch, self.niter, self.nredo)
             found.epoch = epoch
             self.results[epoch] = ray.put(found)
@@ -63,6 +58,22 @@ class PrototypeService:
             self.results = {e: r for e, r in self.results.items() if e >= epoch - 1}
         self.log[epoch]["ranks"].append(rank)
         return [self.results[epoch]]
+
+    @staticmethod
+    def _assemble(parts: list) -> np.ndarray:
+        """Scatter every shard's rows to their dataset indices: one copy of the matrix (a
+        concatenate-then-reorder would make two, a measurable share of a small-K E-step)."""
+        total = sum(len(idx) for idx, _ in parts)
+        features = np.empty((total, parts[0][1].shape[1]), dtype=np.float32)
+        seen = np.zeros(total, dtype=np.int64)
+        for idx, feat in parts:
+            if len(idx) and (idx.min() < 0 or idx.max() >= total):
+                raise ValueError("worker shards do not cover the dataset exactly once")
+            features[idx] = feat
+            seen[idx] += 1
+        if not (seen == 1).all():
+            raise ValueError("worker shards do not cover the dataset exactly once")
+        return features
 
     def _inject_death(self, epoch: int) -> None:
         """Test hook: die once in the middle of ``faults["kill_actor_epoch"]``'s E-step."""
