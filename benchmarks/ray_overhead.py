@@ -43,7 +43,7 @@ CONFIG = Path(__file__).resolve().parent.parent / "configs" / "moco_fashion_mnis
 
 
 def run_fit(cfg) -> dict[str, float]:
-    torch.set_num_threads(cfg.scaling.cpus_per_worker)
+    torch.set_num_threads(int(cfg.scaling.cpus_per_worker))
     splits = load_splits(cfg)
     method = make_method(cfg, splits.train.in_channels, splits.train.image_size)
     o = cfg.optim

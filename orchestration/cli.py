@@ -2,6 +2,8 @@
 
     protoray train [CONFIG] [--set section.field=value ...] [--address ADDR] [--tracking-uri URI]
     protoray eval CHECKPOINT
+    protoray sweep CONFIG --space SPACE.yaml [--num-samples N] [--scheduler asha|none]
+    protoray sweep --resume SWEEP_DIR
 
 Exit codes: 0 done, 2 bad configuration or input, 1 training failed or stopped.
 """
@@ -28,6 +30,21 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--address", help="Ray cluster to join ('auto', ray://host:10001); "
                                      "default: RAY_ADDRESS or an embedded local cluster")
     t.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///mlruns.db)")
+    w = sub.add_parser("sweep", help="Ray Tune sweep of a config over a search space",
+                       description="Run trials of CONFIG over SPACE with Ray Tune (ASHA on online kNN) "
+                                   "and record them as nested MLflow runs; prints one row per trial.")
+    w.add_argument("config", nargs="?", help="experiment YAML the trials start from")
+    w.add_argument("--space", help="YAML: config.path: {loguniform|uniform|randint|choice|grid_search: ...}")
+    w.add_argument("--num-samples", type=int, default=16, help="trials to run (default 16)")
+    w.add_argument("--scheduler", choices=["asha", "none"], default="asha",
+                   help="asha: stop trials that fall behind early; none: run every trial to the end")
+    w.add_argument("--max-concurrent", type=int, default=2, help="trials at once (default 2)")
+    w.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a base config value (repeatable)")
+    w.add_argument("--no-eval", action="store_true", help="skip each trial's final test evaluation")
+    w.add_argument("--resume", metavar="SWEEP_DIR",
+                   help="continue an interrupted sweep (its path is printed when it starts)")
+    w.add_argument("--address", help="Ray cluster to join; default RAY_ADDRESS or an embedded local one")
     e = sub.add_parser("eval", help="evaluate a checkpoint (kNN, linear, AMI/NMI/ARI)",
                        description="Evaluate a protoray checkpoint file on its dataset's test split.")
     e.add_argument("checkpoint", help="a state.pt / final_checkpoint.pt written by protoray train")
@@ -63,6 +80,24 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    if args.resume:
+        from orchestration.tuning import format_table, resume_sweep
+
+        table = resume_sweep(args.resume, address=args.address)
+    else:
+        if not args.config or not args.space:
+            raise ConfigError("sweep: give CONFIG and --space SPACE.yaml (or --resume SWEEP_DIR)")
+        from orchestration.tuning import format_table, load_space, sweep
+
+        cfg = load_config(args.config, args.overrides)
+        table = sweep(cfg, load_space(args.space), num_samples=args.num_samples,
+                      scheduler=args.scheduler, max_concurrent_trials=args.max_concurrent,
+                      evaluate=not args.no_eval, address=args.address)
+    print("\n" + format_table(table))
+    return 0
+
+
 def _eval(args: argparse.Namespace) -> int:
     from orchestration.evaluate import evaluate_checkpoint
 
@@ -78,7 +113,7 @@ def _eval(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {"train": _train, "eval": _eval}[args.command](args)
+        return {"train": _train, "eval": _eval, "sweep": _sweep}[args.command](args)
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         print(f"protoray: {exc}", file=sys.stderr)
         return 2

@@ -1,0 +1,320 @@
+"""Ray Tune sweeps: every trial is a ``protoray train`` run (same TorchTrainer, same prototype
+actor) nested under one MLflow parent run.
+
+    from ray import tune
+    from orchestration import sweep
+    table = sweep("configs/pcl_fashion_mnist.yaml",
+                  {"method.temperature": tune.loguniform(0.05, 0.5),
+                   "clustering.num_clusters": tune.choice([[10, 20], [10, 20, 50]])},
+                  num_samples=16, scheduler="asha")
+
+Space keys are config paths; every key and the edges of every range are validated against the
+config model before Ray starts. ASHA ranks trials by the online kNN accuracy each epoch reports.
+
+Tune with Train V2 (Ray 2.60): the trial is a function that builds and fits the TorchTrainer with
+``TuneReportCallback``, which forwards rank 0's per-epoch report to Tune. The trial's Train run
+is named after the trial id, so a resumed trial continues from its own latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pandas as pd
+from mlflow.tracking import MlflowClient
+from ray import tune
+from ray.tune.search.sample import Categorical, Domain, Float, Integer
+
+from orchestration.config import ConfigError, ExperimentConfig, build_config, load_config, set_path, to_yaml
+from orchestration.run import ensure_ray, execute
+from orchestration.tracking import resolve_tracking_uri
+
+METRIC = "knn_holdout"  # what every epoch reports and ASHA ranks
+SWEEP_FILE = "protoray_sweep.json"  # what a resumed sweep needs besides Tune's own state
+TRIAL_TAG = "protoray.trial_id"
+EPOCHS = "epochs_done"  # ASHA's time attribute: epochs trained, counted across resumes
+
+
+def _probe_values(domain: Any) -> list[Any]:
+    """Values that bound what ``domain`` can sample: a range's edges, every category."""
+    if isinstance(domain, dict) and set(domain) == {"grid_search"}:
+        return list(domain["grid_search"])
+    if isinstance(domain, Categorical):
+        return list(domain.categories)
+    if isinstance(domain, Integer):
+        return [domain.lower, domain.upper - 1]  # randint's upper bound is exclusive
+    if isinstance(domain, Float):
+        return [domain.lower, domain.upper]
+    if isinstance(domain, Domain):
+        return [domain.sample() for _ in range(8)]
+    return [domain]  # a constant
+
+
+def validate_space(base: dict, space: dict[str, Any]) -> None:
+    """Raise ``ConfigError`` naming the first space key that is not a config path or whose range
+    reaches an invalid value, before any trial starts."""
+    if not space:
+        raise ConfigError("space: give at least one config path to sweep, e.g. method.temperature")
+    for key, domain in space.items():
+        if key.split(".")[0] in ("tracking", "scaling") or key in ("optim.epochs", "seed"):
+            raise ConfigError(f"space {key!r}: cannot be swept (it is the sweep's own setting)")
+        for value in _probe_values(domain):
+            tree = copy.deepcopy(base)
+            try:
+                set_path(tree, key.split("."), value)
+                build_config(tree)
+            except ConfigError as exc:
+                raise ConfigError(f"space {key!r} (value {value!r}): {exc}") from None
+
+
+def _absolute(cfg: ExperimentConfig) -> dict:
+    """The config tree with every path absolute: trials run in other processes and directories."""
+    tree = cfg.model_dump(mode="json")
+    tracking = tree["tracking"]
+    tracking["tracking_uri"] = resolve_tracking_uri(tracking["tracking_uri"])
+    if "://" not in tracking["storage_path"]:
+        tracking["storage_path"] = str(Path(tracking["storage_path"]).resolve())
+    if tree["data"].get("root"):
+        tree["data"]["root"] = str(Path(tree["data"]["root"]).resolve())
+    return tree
+
+
+def _report_callback():
+    """Tune's Train callback, reporting ``epochs_done`` (what ASHA counts): after a resume, Tune's
+    own iteration counter restarts at 1 while training continues from the checkpointed epoch."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class EpochReport(TuneReportCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            if "stopped" in metrics[0]:  # a NaN stop: the trial raises TrainingStopped next
+                return
+            first = {**metrics[0], EPOCHS: int(metrics[0]["epoch"]) + 1}
+            super().after_report(run_context, [first, *metrics[1:]], checkpoint)
+
+    return EpochReport()
+
+
+def _replay(client: MlflowClient, run_id: str) -> None:
+    """Report a finished trial's recorded epochs to Tune instead of training it again."""
+    history = {m.step: {} for m in client.get_metric_history(run_id, METRIC)}
+    for key in (METRIC, "loss"):
+        for m in client.get_metric_history(run_id, key):
+            history[m.step][key] = m.value
+    for epoch in sorted(history):
+        tune.report({**history[epoch], "epoch": epoch, EPOCHS: epoch + 1})
+
+
+def _trial(params: dict[str, Any], sweep_dir: str) -> None:
+    """One Tune trial: a Train run recorded in its own child MLflow run (reused on resume)."""
+    spec = json.loads((Path(sweep_dir) / SWEEP_FILE).read_text())
+    tree = copy.deepcopy(spec["base"])
+    for key, value in params.items():
+        set_path(tree, key.split("."), value)
+    cfg = build_config(tree)
+    trial_id = tune.get_context().get_trial_id()
+    uri, parent = spec["tracking_uri"], spec["parent_run_id"]
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri)
+    found = client.search_runs([spec["experiment_id"]], f"tags.`{TRIAL_TAG}` = '{trial_id}' and "
+                                                        f"tags.`mlflow.parentRunId` = '{parent}'")
+    if found and found[0].info.status == "FINISHED":  # finished before the driver was killed
+        _replay(client, found[0].info.run_id)
+        return
+    if found:
+        run_id = found[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+    else:
+        run_id = client.create_run(spec["experiment_id"], run_name=f"trial-{trial_id}",
+                                   tags={"mlflow.parentRunId": parent, TRIAL_TAG: trial_id}).info.run_id
+    client.log_dict(run_id, params, "trial_params.json")
+    # If this raises, or Tune stops the trial (ASHA), the run stays RUNNING here and the sweep's
+    # driver closes it as FAILED or KILLED once it knows which.
+    execute(cfg, run_id, uri, evaluate=spec["evaluate"], callbacks=(_report_callback(),),
+            storage_path=str(Path(sweep_dir) / "train"), name=f"trial-{trial_id}")
+    client.set_terminated(run_id, "FINISHED")
+
+
+def _trainable(sweep_dir: str, cfg: ExperimentConfig):
+    """The trial function with its placement group: one CPU for the trial's own driver (it also
+    runs the final evaluation) and a bundle for the prototype actor it starts, which Tune requires
+    of actors launched from a trial. The Train workers get their own placement group from Train."""
+    bundles = [{"CPU": 1}, {"CPU": cfg.clustering.cpus}]
+    return tune.with_resources(tune.with_parameters(_trial, sweep_dir=sweep_dir),
+                               tune.PlacementGroupFactory(bundles))
+
+
+def _cpus_per_trial(cfg: ExperimentConfig) -> float:
+    s = cfg.scaling
+    return 1 + s.num_workers * s.cpus_per_worker + cfg.clustering.cpus
+
+
+def sweep(config: ExperimentConfig | str | Path, space: dict[str, Any], num_samples: int = 16,
+          scheduler: str = "asha", max_concurrent_trials: int = 2, evaluate: bool = True,
+          grace_period: int = 1, reduction_factor: float = 3, address: str | None = None) -> pd.DataFrame:
+    """Run ``num_samples`` trials of ``config`` over ``space``; one row per trial.
+
+    ``scheduler``: "asha" stops trials whose online kNN falls behind at epochs grace_period,
+    grace_period * reduction_factor, ...; "none" runs every trial to the end.
+    The table has the sampled values, best_knn, epochs, status and the trial's MLflow run id.
+    """
+    cfg = config if isinstance(config, ExperimentConfig) else load_config(config)
+    if scheduler not in ("asha", "none"):
+        raise ConfigError(f"scheduler: must be 'asha' or 'none' (got {scheduler!r})")
+    if num_samples < 1 or max_concurrent_trials < 1:
+        raise ConfigError("num_samples and max_concurrent_trials must be >= 1")
+    if cfg.data.knn_holdout < 1:
+        raise ConfigError("data.knn_holdout: a sweep ranks trials by online kNN; set it >= 1")
+    if not 1 <= grace_period <= cfg.optim.epochs:
+        raise ConfigError(f"grace_period: must be between 1 and optim.epochs={cfg.optim.epochs}")
+    base = _absolute(cfg)
+    validate_space(base, space)
+
+    ensure_ray(address, max_concurrent_trials * _cpus_per_trial(cfg))
+    uri = base["tracking"]["tracking_uri"]
+    mlflow.set_tracking_uri(uri)
+    experiment = mlflow.set_experiment(cfg.tracking.experiment_name)
+    with mlflow.start_run(run_name=f"sweep-{cfg.method.name}") as parent:
+        parent_id = parent.info.run_id
+        sweep_dir = Path(base["tracking"]["storage_path"]) / f"sweep-{parent_id}"
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        (sweep_dir / SWEEP_FILE).write_text(json.dumps({
+            "base": base, "parent_run_id": parent_id, "tracking_uri": uri, "evaluate": evaluate,
+            "experiment_id": experiment.experiment_id}))
+        mlflow.log_params({"scheduler": scheduler, "num_samples": num_samples,
+                           "max_concurrent_trials": max_concurrent_trials, "method": cfg.method.name,
+                           "grace_period": grace_period, "reduction_factor": reduction_factor})
+        mlflow.log_dict({k: repr(v) for k, v in space.items()}, "space.json")
+        mlflow.log_text(to_yaml(cfg), "base_config.yaml")
+        mlflow.set_tag("sweep_dir", str(sweep_dir))
+        print(f"sweep {parent_id}: {num_samples} trials; resume with: protoray sweep --resume {sweep_dir}",
+              flush=True)
+        # stop_last_trials=False: a trial that reaches the last epoch ends by itself, so its final
+        # evaluation and artifacts are logged instead of being cut off at its last report
+        asha = tune.schedulers.ASHAScheduler(time_attr=EPOCHS, max_t=cfg.optim.epochs,
+                                             grace_period=grace_period,
+                                             reduction_factor=reduction_factor, stop_last_trials=False)
+        tuner = tune.Tuner(
+            _trainable(str(sweep_dir), cfg), param_space=dict(space),
+            tune_config=tune.TuneConfig(metric=METRIC, mode="max", num_samples=num_samples,
+                                        scheduler=asha if scheduler == "asha" else None,
+                                        max_concurrent_trials=max_concurrent_trials),
+            run_config=tune.RunConfig(name=sweep_dir.name, storage_path=str(sweep_dir.parent)),
+        )
+        return _finish(tuner.fit(), sweep_dir)
+
+
+def resume_sweep(path: str | Path, address: str | None = None) -> pd.DataFrame:
+    """Continue an interrupted sweep: finished trials keep their results, unfinished ones resume
+    from their latest Train checkpoint in their existing MLflow child run."""
+    sweep_dir = Path(path).resolve()
+    if not (sweep_dir / SWEEP_FILE).is_file() or not tune.Tuner.can_restore(str(sweep_dir)):
+        raise ConfigError(f"--resume {sweep_dir}: not a protoray sweep directory (it holds no "
+                          f"{SWEEP_FILE} and Tune state); the path is printed when a sweep starts")
+    spec = json.loads((sweep_dir / SWEEP_FILE).read_text())
+    cfg = build_config(spec["base"])
+    ensure_ray(address, 2 * _cpus_per_trial(cfg))
+    mlflow.set_tracking_uri(spec["tracking_uri"])
+    with mlflow.start_run(run_id=spec["parent_run_id"]):
+        tuner = tune.Tuner.restore(str(sweep_dir), _trainable(str(sweep_dir), cfg),
+                                   resume_unfinished=True, resume_errored=True)
+        return _finish(tuner.fit(), sweep_dir)
+
+
+def _finish(results: tune.ResultGrid, sweep_dir: Path) -> pd.DataFrame:
+    """The table, child runs of early-stopped trials closed, table and plot on the parent run."""
+    spec = json.loads((sweep_dir / SWEEP_FILE).read_text())
+    client = MlflowClient(spec["tracking_uri"])
+    children = {r.data.tags.get(TRIAL_TAG): r for r in client.search_runs(
+        [spec["experiment_id"]], f"tags.`mlflow.parentRunId` = '{spec['parent_run_id']}'")}
+    max_epochs = spec["base"]["optim"]["epochs"]
+    rows = []
+    for result in results:
+        trial_id = (result.metrics or {}).get("trial_id") or "_".join(Path(result.path).name.split("_")[2:4])
+        child = children.get(trial_id)
+        # MLflow holds every epoch of the trial, including those before a resume; Tune's history
+        # of a resumed trial starts at the resume.
+        knn = client.get_metric_history(child.info.run_id, METRIC) if child else []
+        epochs = len({m.step for m in knn})
+        best = max((m.value for m in knn), default=math.nan)
+        status = "error" if result.error else ("finished" if epochs >= max_epochs else "stopped early")
+        if child and child.info.status == "RUNNING":  # stopped by Tune or failed mid-function
+            if status == "stopped early":
+                client.set_tag(child.info.run_id, "stopped_early", "true")
+            client.set_terminated(child.info.run_id, {"finished": "FINISHED", "error": "FAILED"}.get(
+                status, "KILLED"))
+        rows.append({**result.config, "best_knn": best, "epochs": epochs, "status": status,
+                     "trial_id": trial_id, "mlflow_run_id": child.info.run_id if child else None})
+    table = pd.DataFrame(rows).sort_values("best_knn", ascending=False, na_position="last")
+    table = table.reset_index(drop=True)
+    mlflow.log_text(table.to_csv(index=False), "sweep_table.csv")
+    mlflow.log_metrics({"best_knn": float(table["best_knn"].max()),
+                        "trial_epochs": float(table["epochs"].sum())})
+    mlflow.log_figure(_plot(table, [k for k in results[0].config] if len(results) else []),
+                      "sweep_knn.png")
+    return table
+
+
+def _plot(table: pd.DataFrame, keys: list[str]):
+    """Best online kNN against each swept value (categories on an index axis)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, max(1, len(keys)), figsize=(4 * max(1, len(keys)), 3.2), squeeze=False)
+    for ax, key in zip(axes[0], keys, strict=False):
+        values = table[key]
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            ax.scatter(values, table["best_knn"], c=table["epochs"], cmap="viridis")
+            if key.endswith("temperature"):
+                ax.set_xscale("log")
+        else:
+            labels = sorted({str(v) for v in values})
+            ax.scatter([labels.index(str(v)) for v in values], table["best_knn"], c=table["epochs"],
+                       cmap="viridis")
+            ax.set_xticks(range(len(labels)), labels, rotation=20, fontsize=7)
+        ax.set_xlabel(key)
+        ax.set_ylabel("best online kNN (colour: epochs run)")
+    fig.tight_layout()
+    return fig
+
+
+def format_table(table: pd.DataFrame) -> str:
+    return table.to_string(index=False, float_format=lambda v: f"{v:.4g}")
+
+
+SPACE_FUNCTIONS = {"loguniform": tune.loguniform, "uniform": tune.uniform, "randint": tune.randint,
+                   "choice": tune.choice, "grid_search": tune.grid_search}
+
+
+def load_space(path: str | Path) -> dict[str, Any]:
+    """A space YAML: ``config.path: {loguniform: [0.05, 0.5]}`` (or uniform, randint, choice,
+    grid_search); any other value is a constant."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--space {path}: file does not exist")
+    tree = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"--space {path}: expected a mapping of config paths to search domains")
+    space = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and len(value) == 1 and next(iter(value)) in SPACE_FUNCTIONS:
+            name, args = next(iter(value.items()))
+            try:
+                space[key] = (SPACE_FUNCTIONS[name](args) if name in ("choice", "grid_search")
+                              else SPACE_FUNCTIONS[name](*args))
+            except (TypeError, ValueError, AssertionError) as exc:
+                raise ConfigError(f"--space {path}: {key}: bad {name} arguments {args!r} ({exc})") from None
+        elif isinstance(value, dict):
+            raise ConfigError(f"--space {path}: {key}: use one of {sorted(SPACE_FUNCTIONS)} "
+                              f"(got {sorted(value)})")
+        else:
+            space[key] = value
+    return space
