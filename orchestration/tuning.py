@@ -28,6 +28,7 @@ import mlflow
 import pandas as pd
 from mlflow.tracking import MlflowClient
 from ray import tune
+from ray.tune.search.basic_variant import BasicVariantGenerator
 from ray.tune.search.sample import Categorical, Domain, Float, Integer
 
 from orchestration.config import ConfigError, ExperimentConfig, build_config, load_config, set_path, to_yaml
@@ -155,12 +156,14 @@ def _cpus_per_trial(cfg: ExperimentConfig) -> float:
 
 def sweep(config: ExperimentConfig | str | Path, space: dict[str, Any], num_samples: int = 16,
           scheduler: str = "asha", max_concurrent_trials: int = 2, evaluate: bool = True,
-          grace_period: int = 1, reduction_factor: float = 3, address: str | None = None) -> pd.DataFrame:
+          grace_period: int = 1, reduction_factor: float = 3, seed: int | None = None,
+          address: str | None = None) -> pd.DataFrame:
     """Run ``num_samples`` trials of ``config`` over ``space``; one row per trial.
 
     ``scheduler``: "asha" stops trials whose online kNN falls behind at epochs grace_period,
     grace_period * reduction_factor, ...; "none" runs every trial to the end.
     The table has the sampled values, best_knn, epochs, status and the trial's MLflow run id.
+    ``seed`` makes the sampled configurations and their order reproducible.
     """
     cfg = config if isinstance(config, ExperimentConfig) else load_config(config)
     if scheduler not in ("asha", "none"):
@@ -187,7 +190,8 @@ def sweep(config: ExperimentConfig | str | Path, space: dict[str, Any], num_samp
             "experiment_id": experiment.experiment_id}))
         mlflow.log_params({"scheduler": scheduler, "num_samples": num_samples,
                            "max_concurrent_trials": max_concurrent_trials, "method": cfg.method.name,
-                           "grace_period": grace_period, "reduction_factor": reduction_factor})
+                           "grace_period": grace_period, "reduction_factor": reduction_factor,
+                           "seed": seed})
         mlflow.log_dict({k: repr(v) for k, v in space.items()}, "space.json")
         mlflow.log_text(to_yaml(cfg), "base_config.yaml")
         mlflow.set_tag("sweep_dir", str(sweep_dir))
@@ -201,6 +205,7 @@ def sweep(config: ExperimentConfig | str | Path, space: dict[str, Any], num_samp
         tuner = tune.Tuner(
             _trainable(str(sweep_dir), cfg), param_space=dict(space),
             tune_config=tune.TuneConfig(metric=METRIC, mode="max", num_samples=num_samples,
+                                        search_alg=BasicVariantGenerator(random_state=seed),
                                         scheduler=asha if scheduler == "asha" else None,
                                         max_concurrent_trials=max_concurrent_trials),
             run_config=tune.RunConfig(name=sweep_dir.name, storage_path=str(sweep_dir.parent)),
