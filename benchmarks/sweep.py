@@ -11,7 +11,8 @@ What is measured
     Tune's order arrives in increasing quality (temperature 0.05 first), so early trials meet no
     better ones; measured with grace 1 and factor 3, it stopped 4 of 16 and used 0.875x.
     Compute = sum over trials of epochs run; wall time is printed too. To fit a 2-core machine
-    the trials train on the first ``--limit`` training images (1,000 of them held out for the online kNN) for ``--epochs``.
+    the trials train on the first ``--limit`` training images (1,000 of them held out for the
+    online kNN) for ``--epochs``.
     Target: ASHA compute <= 0.4x, best kNN within 0.5 points of the full sweep's.
 
 Run: ``python benchmarks/sweep.py [--limit 5000 --epochs 6]``; the last line is JSON.
