@@ -26,6 +26,7 @@ from typing import Any
 
 import mlflow
 import pandas as pd
+import ray
 from mlflow.tracking import MlflowClient
 from ray import tune
 from ray.tune.search.basic_variant import BasicVariantGenerator
@@ -154,6 +155,19 @@ def _cpus_per_trial(cfg: ExperimentConfig) -> float:
     return 1 + s.num_workers * s.cpus_per_worker + cfg.clustering.cpus
 
 
+def _concurrency(requested: int, cfg: ExperimentConfig) -> int:
+    """Trials at once, capped so that every running trial's Train workers fit beside all the
+    trials' reservations: Tune reserves only a trial's driver and actor, and a Train V2 run whose
+    workers cannot be placed waits forever."""
+    fits = int(ray.cluster_resources().get("CPU", 0) // _cpus_per_trial(cfg))
+    if fits < 1:
+        raise ConfigError(f"scaling: one trial needs {_cpus_per_trial(cfg):g} CPUs (driver, workers, "
+                          f"prototype actor); the cluster has {ray.cluster_resources().get('CPU', 0):g}")
+    if fits < requested:
+        print(f"sweep: {fits} trial(s) at once, not {requested}: that is what the cluster's CPUs hold")
+    return min(requested, fits)
+
+
 def sweep(config: ExperimentConfig | str | Path, space: dict[str, Any], num_samples: int = 16,
           scheduler: str = "asha", max_concurrent_trials: int = 2, evaluate: bool = True,
           grace_period: int = 1, reduction_factor: float = 3, seed: int | None = None,
@@ -178,6 +192,7 @@ def sweep(config: ExperimentConfig | str | Path, space: dict[str, Any], num_samp
     validate_space(base, space)
 
     ensure_ray(address, max_concurrent_trials * _cpus_per_trial(cfg))
+    concurrent = _concurrency(max_concurrent_trials, cfg)
     uri = base["tracking"]["tracking_uri"]
     mlflow.set_tracking_uri(uri)
     experiment = mlflow.set_experiment(cfg.tracking.experiment_name)
@@ -205,9 +220,9 @@ def sweep(config: ExperimentConfig | str | Path, space: dict[str, Any], num_samp
         tuner = tune.Tuner(
             _trainable(str(sweep_dir), cfg), param_space=dict(space),
             tune_config=tune.TuneConfig(metric=METRIC, mode="max", num_samples=num_samples,
-                                        search_alg=BasicVariantGenerator(random_state=seed),
-                                        scheduler=asha if scheduler == "asha" else None,
-                                        max_concurrent_trials=max_concurrent_trials),
+                                        search_alg=BasicVariantGenerator(random_state=seed,
+                                                                         max_concurrent=concurrent),
+                                        scheduler=asha if scheduler == "asha" else None),
             run_config=tune.RunConfig(name=sweep_dir.name, storage_path=str(sweep_dir.parent)),
         )
         return _finish(tuner.fit(), sweep_dir)
