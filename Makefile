@@ -19,7 +19,9 @@ $(VENV)/.torch-installed:
 	$(PIP) install torch==2.14.1 torchvision==0.29.1
 	touch $@
 
-$(VENV)/.deps-installed: $(VENV)/.torch-installed pyproject.toml
+# the package __init__ files too: an editable install made before one existed maps that package
+# as a namespace package and `from orchestration import sweep` then fails
+$(VENV)/.deps-installed: $(VENV)/.torch-installed pyproject.toml orchestration/__init__.py methods/__init__.py
 	$(PIP) install -e ".[dev]"
 	touch $@
 
