@@ -59,14 +59,19 @@ def ensure_ray(address: str | None, cpus_needed: float) -> None:
                  dashboard_host="127.0.0.1")
 
 
+def cpus_per_run(cfg: ExperimentConfig) -> float:
+    """Logical CPUs one run reserves: its driver, its Train workers and the prototype actor."""
+    s = cfg.scaling
+    return 1 + s.num_workers * s.cpus_per_worker + cfg.clustering.cpus
+
+
 def train(cfg: ExperimentConfig, address: str | None = None, evaluate: bool = True,
           faults: dict | None = None) -> RunSummary:
     """Run one experiment end to end; returns the MLflow run id and the final metrics.
 
     ``faults`` is for the reliability tests only (kill a worker or the actor, inject a NaN).
     """
-    s = cfg.scaling
-    ensure_ray(address, s.num_workers * s.cpus_per_worker + cfg.clustering.cpus + 1)
+    ensure_ray(address, cpus_per_run(cfg))
     tracking_uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_experiment(cfg.tracking.experiment_name)

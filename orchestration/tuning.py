@@ -33,7 +33,7 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 from ray.tune.search.sample import Categorical, Domain, Float, Integer
 
 from orchestration.config import ConfigError, ExperimentConfig, build_config, load_config, set_path, to_yaml
-from orchestration.run import ensure_ray, execute
+from orchestration.run import cpus_per_run, ensure_ray, execute
 from orchestration.tracking import resolve_tracking_uri
 
 METRIC = "knn_holdout"  # what every epoch reports and ASHA ranks
@@ -103,10 +103,10 @@ def _report_callback():
 
 def _replay(client: MlflowClient, run_id: str) -> None:
     """Report a finished trial's recorded epochs to Tune instead of training it again."""
-    history = {m.step: {} for m in client.get_metric_history(run_id, METRIC)}
+    history: dict[int, dict[str, float]] = {}
     for key in (METRIC, "loss"):
         for m in client.get_metric_history(run_id, key):
-            history[m.step][key] = m.value
+            history.setdefault(m.step, {})[key] = m.value
     for epoch in sorted(history):
         tune.report({**history[epoch], "epoch": epoch, EPOCHS: epoch + 1})
 
@@ -150,18 +150,13 @@ def _trainable(sweep_dir: str, cfg: ExperimentConfig):
                                tune.PlacementGroupFactory(bundles))
 
 
-def _cpus_per_trial(cfg: ExperimentConfig) -> float:
-    s = cfg.scaling
-    return 1 + s.num_workers * s.cpus_per_worker + cfg.clustering.cpus
-
-
 def _concurrency(requested: int, cfg: ExperimentConfig) -> int:
     """Trials at once, capped so that every running trial's Train workers fit beside all the
     trials' reservations: Tune reserves only a trial's driver and actor, and a Train V2 run whose
     workers cannot be placed waits forever."""
-    fits = int(ray.cluster_resources().get("CPU", 0) // _cpus_per_trial(cfg))
+    fits = int(ray.cluster_resources().get("CPU", 0) // cpus_per_run(cfg))
     if fits < 1:
-        raise ConfigError(f"scaling: one trial needs {_cpus_per_trial(cfg):g} CPUs (driver, workers, "
+        raise ConfigError(f"scaling: one trial needs {cpus_per_run(cfg):g} CPUs (driver, workers, "
                           f"prototype actor); the cluster has {ray.cluster_resources().get('CPU', 0):g}")
     if fits < requested:
         print(f"sweep: {fits} trial(s) at once, not {requested}: that is what the cluster's CPUs hold")
@@ -191,7 +186,7 @@ def sweep(config: ExperimentConfig | str | Path, space: dict[str, Any], num_samp
     base = _absolute(cfg)
     validate_space(base, space)
 
-    ensure_ray(address, max_concurrent_trials * _cpus_per_trial(cfg))
+    ensure_ray(address, max_concurrent_trials * cpus_per_run(cfg))
     concurrent = _concurrency(max_concurrent_trials, cfg)
     uri = base["tracking"]["tracking_uri"]
     mlflow.set_tracking_uri(uri)
@@ -237,7 +232,7 @@ def resume_sweep(path: str | Path, address: str | None = None) -> pd.DataFrame:
                           f"{SWEEP_FILE} and Tune state); the path is printed when a sweep starts")
     spec = json.loads((sweep_dir / SWEEP_FILE).read_text())
     cfg = build_config(spec["base"])
-    ensure_ray(address, 2 * _cpus_per_trial(cfg))
+    ensure_ray(address, 2 * cpus_per_run(cfg))
     mlflow.set_tracking_uri(spec["tracking_uri"])
     with mlflow.start_run(run_id=spec["parent_run_id"]):
         tuner = tune.Tuner.restore(str(sweep_dir), _trainable(str(sweep_dir), cfg),
