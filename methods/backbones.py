@@ -6,6 +6,8 @@ Every backbone maps ``[B, C, H, W]`` to a pooled feature ``[B, feature_dim]``; h
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn as nn
 import torchvision
@@ -73,3 +75,53 @@ def build_backbone(name: str, in_channels: int, image_size: int) -> nn.Module:
     if name in ("resnet18", "resnet50"):
         return _resnet(name, in_channels, small_images=image_size < 64)
     raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
+
+
+def backbone_stages(backbone: nn.Module) -> list[nn.Module]:
+    """The backbone as four sequential stages (pooling excluded), for multi-exit wrappers."""
+    if isinstance(backbone, ConvNet):
+        return list(backbone.stages)
+    if isinstance(backbone, torchvision.models.ResNet):
+        stem = nn.Sequential(backbone.conv1, backbone.bn1, backbone.relu, backbone.maxpool,
+                             backbone.layer1)
+        return [stem, backbone.layer2, backbone.layer3, backbone.layer4]
+    raise ValueError(f"no stage split known for {type(backbone).__name__}")
+
+
+class MultiExit(nn.Module):
+    """A backbone with a second exit (SelfCon, Bae et al. 2021, arXiv 2106.15499, sec. 3).
+
+    The sub-network branches after stage ``branch_after`` (1-based; the paper's default is after
+    the second of four). ``sub_network="fc"`` pools the branch's map and maps it with one linear
+    layer to the backbone's feature size (the authors' CIFAR setting); ``"same"`` runs fresh,
+    unshared copies of the remaining stages (their ImageNet setting). ``forward`` returns
+    ``(backbone_feature, sub_feature)``, both ``[B, feature_dim]``, from one backbone pass.
+    """
+
+    def __init__(self, backbone: nn.Module, branch_after: int = 2, sub_network: str = "fc"):
+        super().__init__()
+        stages = backbone_stages(backbone)
+        if not 1 <= branch_after < len(stages):
+            raise ValueError(f"method.branch_after must be in 1..{len(stages) - 1} (a stage after "
+                             f"which a sub-network can branch), got {branch_after}")
+        self.backbone = backbone
+        self.trunk = nn.Sequential(*stages[:branch_after])
+        self.rest = nn.Sequential(*stages[branch_after:])
+        self.feature_dim = backbone.feature_dim
+        if sub_network == "fc":
+            branch_channels = [m for m in self.trunk.modules() if isinstance(m, nn.Conv2d)][-1].out_channels
+            self.sub = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                     nn.Linear(branch_channels, self.feature_dim))
+        elif sub_network == "same":
+            copies = copy.deepcopy(self.rest)
+            for m in copies.modules():
+                if hasattr(m, "reset_parameters"):
+                    m.reset_parameters()
+            self.sub = nn.Sequential(copies, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        else:
+            raise ValueError(f"method.sub_network must be 'fc' or 'same', got {sub_network!r}")
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mid = self.trunk(x)
+        return self.rest(mid).mean(dim=(2, 3)), self.sub(mid)
+

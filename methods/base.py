@@ -22,7 +22,8 @@ class Batch(NamedTuple):
 
 
 class Method(nn.Module):
-    """Base class. Subclasses set ``backbone`` and implement ``training_step``.
+    """Base class. Two-view methods implement ``pair_features`` and ``pair_loss``; others
+    override ``training_step``.
 
     ``forward`` is ``training_step`` so DistributedDataParallel's gradient hooks see the call.
     """
@@ -43,7 +44,24 @@ class Method(nn.Module):
 
     def training_step(self, batch: Batch, prototypes: DevicePrototypes | None = None
                       ) -> tuple[torch.Tensor, dict[str, float]]:
-        raise NotImplementedError
+        """Two-view methods: backbone features of a positive pair, then the loss on them."""
+        h0, h1 = self.pair_features(batch)
+        return self.pair_loss(h0, h1, batch, prototypes)
+
+    def pair_features(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pooled backbone features ``[B, C]`` of the two views of every image.
+
+        Split from ``pair_loss`` so a regulariser (ICL-MSR) can reweight the features' channels
+        and re-score the same pair without running the backbone again.
+        """
+        raise NotImplementedError(f"{type(self).__name__} is not a two-view method")
+
+    def pair_loss(self, h0: torch.Tensor, h1: torch.Tensor, batch: Batch,
+                  prototypes: DevicePrototypes | None = None, record: bool = True
+                  ) -> tuple[torch.Tensor, dict[str, float]]:
+        """The method's loss from pair features (heads included). ``record=False`` leaves the
+        method's state (queues) untouched, for extra scorings of the same step's pair."""
+        raise NotImplementedError(f"{type(self).__name__} is not a two-view method")
 
     def forward(self, batch: Batch, prototypes: DevicePrototypes | None = None):
         return self.training_step(batch, prototypes)

@@ -39,19 +39,43 @@ def method_class(name: str) -> type[Method]:
     return _METHODS[name]
 
 
-def hyperparameters(name: str) -> dict[str, object]:
-    """The method's own keyword arguments with their (paper) defaults."""
-    params = inspect.signature(method_class(name).__init__).parameters
-    return {p.name: p.default for p in params.values()
-            if p.name not in ("self", "backbone", "views", "seed")}
+def regularizer_class(name: str) -> type[Method]:
+    """Wrappers that add a term to any two-view method (``method.regularizer`` in a config)."""
+    from methods.zoo.icl_msr import ICLMSR, REGULARIZER
+
+    known = {REGULARIZER: ICLMSR}
+    if name not in known:
+        raise ValueError(f"method.regularizer: unknown regularizer {name!r}; choose one of "
+                         f"{', '.join(known)}")
+    return known[name]
 
 
-def build_method(name: str, backbone: nn.Module, views: ViewSpec, seed: int = 0, **hparams) -> Method:
-    """Instantiate a registered method; an unknown hyperparameter names the method's real ones."""
-    cls = method_class(name)
-    allowed = hyperparameters(name)
+def _own_parameters(fn: Callable, skip: tuple[str, ...]) -> dict[str, object]:
+    params = inspect.signature(fn).parameters
+    return {p.name: p.default for p in params.values() if p.name not in skip}
+
+
+def hyperparameters(name: str, regularizer: str | None = None) -> dict[str, object]:
+    """The method's own keyword arguments with their (paper) defaults, plus the regularizer's
+    when one is named."""
+    out = _own_parameters(method_class(name).__init__, ("self", "backbone", "views", "seed"))
+    if regularizer is not None:
+        out.update(_own_parameters(regularizer_class(regularizer).__init__, ("self", "base")))
+    return out
+
+
+def build_method(name: str, backbone: nn.Module, views: ViewSpec, seed: int = 0,
+                 regularizer: str | None = None, **hparams) -> Method:
+    """Instantiate a registered method, wrapped in ``regularizer`` when one is named; an unknown
+    hyperparameter names the real ones."""
+    own = hyperparameters(name)
+    allowed = hyperparameters(name, regularizer)
     unknown = sorted(set(hparams) - set(allowed))
     if unknown:
         raise ValueError(f"method {name!r} has no hyperparameter {', '.join(unknown)}; "
                          f"it takes {', '.join(sorted(allowed))}")
-    return cls(backbone, views, seed=seed, **hparams)
+    method = method_class(name)(backbone, views, seed=seed,
+                                **{k: v for k, v in hparams.items() if k in own})
+    if regularizer is None:
+        return method
+    return regularizer_class(regularizer)(method, **{k: v for k, v in hparams.items() if k not in own})

@@ -165,7 +165,7 @@ def augment(images: torch.Tensor, spec: ViewSpec, generator: torch.Generator | N
     Parameters are drawn on the CPU from ``generator`` (so a seed fixes them on any device) and
     the pixel work runs on ``images.device``.
     """
-    x = images.float().div_(255.0)
+    x = images.to(torch.get_default_dtype()).div_(255.0)  # float32 unless a test asks for float64
     x = crop_and_flip(x, spec, generator)
     x = color_jitter(x, spec, generator)
     x = random_grayscale(x, spec, generator)
@@ -175,7 +175,7 @@ def augment(images: torch.Tensor, spec: ViewSpec, generator: torch.Generator | N
 
 def to_input(images: torch.Tensor, spec: ViewSpec) -> torch.Tensor:
     """The un-augmented network input for evaluation and clustering: scale, resize, normalise."""
-    x = images.float().div_(255.0)
+    x = images.to(torch.get_default_dtype()).div_(255.0)  # float32 unless a test asks for float64
     if spec.size and spec.size != x.shape[-1]:
         x = F.interpolate(x, size=(spec.size, spec.size), mode="bilinear", antialias=True,
                           align_corners=False)

@@ -60,13 +60,17 @@ class MethodConfig(BaseModel):
 
     model_config = ConfigDict(extra="allow", validate_assignment=True)
     name: str = "pcl"
+    regularizer: str | None = None  # "icl_msr" wraps the method (its hyperparameters join these)
 
     @model_validator(mode="after")
     def _check_hyperparameters(self) -> MethodConfig:
         if self.name not in available():
             raise ValueError(f"method.name: unknown method {self.name!r}; "
                              f"choose one of {', '.join(available())}")
-        allowed = hyperparameters(self.name)
+        try:
+            allowed = hyperparameters(self.name, self.regularizer)
+        except ValueError as exc:
+            raise ValueError(str(exc)) from None
         for key, value in (self.model_extra or {}).items():
             if key not in allowed:
                 raise ValueError(f"method.{key}: {self.name} has no such hyperparameter; it takes "
@@ -99,7 +103,7 @@ class MethodConfig(BaseModel):
 
     def resolved(self) -> dict[str, Any]:
         """Every hyperparameter, defaults filled in (what MLflow records)."""
-        return {**hyperparameters(self.name), **self.hparams}
+        return {**hyperparameters(self.name, self.regularizer), **self.hparams}
 
 
 class OptimConfig(Section):
@@ -192,6 +196,7 @@ class ExperimentConfig(Section):
             for key, value in getattr(self, section).model_dump().items():
                 out[f"{section}.{key}"] = value
         out["method.name"] = self.method.name
+        out["method.regularizer"] = self.method.regularizer
         for key, value in self.method.resolved().items():
             out[f"method.{key}"] = value
         return out
@@ -265,4 +270,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ex
 def to_yaml(cfg: ExperimentConfig) -> str:
     tree = cfg.model_dump()
     tree["method"] = {"name": cfg.method.name, **cfg.method.hparams}
+    if cfg.method.regularizer:
+        tree["method"]["regularizer"] = cfg.method.regularizer
     return yaml.safe_dump(tree, sort_keys=False)

@@ -47,7 +47,7 @@ def make_method(cfg: ExperimentConfig, in_channels: int, image_size: int, rank: 
     views = view_spec(cfg.data.views, size=image_size, **overrides)
     backbone = build_backbone(cfg.model.backbone, in_channels, image_size)
     method = build_method(cfg.method.name, backbone, views, seed=cfg.seed * 1000 + rank,
-                          **cfg.method.hparams)
+                          regularizer=cfg.method.regularizer, **cfg.method.hparams)
     return method
 
 

@@ -1,5 +1,5 @@
 """One module per method; importing this package registers them all."""
 
-from methods.zoo import moco, pcl, simclr
+from methods.zoo import moco, pcl, selfcon, simclr, supcon
 
-__all__ = ["moco", "pcl", "simclr"]
+__all__ = ["moco", "pcl", "selfcon", "simclr", "supcon"]

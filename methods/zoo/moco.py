@@ -37,15 +37,25 @@ class MoCo(Method):
         self.queue = FeatureQueue(queue_size, proj_dim)
         self._pending_keys: torch.Tensor | None = None
 
-    def queries_and_keys(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        q = F.normalize(self.encoder_q(self.view(batch.images)), dim=1)  # queries: [B, D]
+    def pair_features(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Query-side backbone feature (with gradient) and key-side momentum feature."""
+        h_q = self.encoder_q[0](self.view(batch.images))
         with torch.no_grad():
-            k = F.normalize(self.encoder_k(self.view(batch.images)), dim=1)  # keys: [B, D]
-        self._pending_keys = gather_no_grad(k)  # every rank's keys enter every rank's queue
+            h_k = self.encoder_k[0](self.view(batch.images))
+        return h_q, h_k
+
+    def queries_and_keys(self, h_q: torch.Tensor, h_k: torch.Tensor, record: bool = True
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        q = F.normalize(self.encoder_q[1](h_q), dim=1)  # queries: [B, D]
+        with torch.no_grad():
+            k = F.normalize(self.encoder_k[1](h_k), dim=1)  # keys: [B, D]
+        if record:
+            self._pending_keys = gather_no_grad(k)  # every rank's keys enter every rank's queue
         return q, k
 
-    def training_step(self, batch: Batch, prototypes=None) -> tuple[torch.Tensor, dict[str, float]]:
-        q, k = self.queries_and_keys(batch)
+    def pair_loss(self, h_q: torch.Tensor, h_k: torch.Tensor, batch: Batch, prototypes=None,
+                  record: bool = True) -> tuple[torch.Tensor, dict[str, float]]:
+        q, k = self.queries_and_keys(h_q, h_k, record)
         loss = info_nce(q, k, self.queue.keys, self.temperature)
         return loss, {"loss_info_nce": loss.item()}
 

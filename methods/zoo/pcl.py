@@ -35,9 +35,10 @@ class PCL(MoCo):
         self.prototype_warmup_epochs = warmup_epochs
         self.proto_weight = proto_weight
 
-    def training_step(self, batch: Batch, prototypes: DevicePrototypes | None = None
-                      ) -> tuple[torch.Tensor, dict[str, float]]:
-        q, k = self.queries_and_keys(batch)
+    def pair_loss(self, h_q: torch.Tensor, h_k: torch.Tensor, batch: Batch,
+                  prototypes: DevicePrototypes | None = None, record: bool = True
+                  ) -> tuple[torch.Tensor, dict[str, float]]:
+        q, k = self.queries_and_keys(h_q, h_k, record)
         loss_instance = info_nce(q, k, self.queue.keys, self.temperature)
         if not prototypes:
             return loss_instance, {"loss_info_nce": loss_instance.item()}
