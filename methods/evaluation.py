@@ -46,6 +46,26 @@ def linear_probe_accuracy(train: np.ndarray, train_labels: np.ndarray, test: np.
     return float(clf.score(test, test_labels))
 
 
+def linear_probe_exits(train: dict[str, np.ndarray], train_labels: np.ndarray,
+                       test: dict[str, np.ndarray], test_labels: np.ndarray, max_iter: int = 200,
+                       seed: int = 0) -> dict[str, float]:
+    """Linear accuracy of each exit of a multi-exit encoder (SelfCon) and of their ensemble, the
+    mean of the exits' classifier logits (as the SelfCon authors evaluate)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    out, logits = {}, []
+    for name in train:
+        clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=max_iter, random_state=seed))
+        clf.fit(train[name], train_labels)
+        out[name] = float(clf.score(test[name], test_labels))
+        logits.append(clf.decision_function(test[name]))
+    classes = clf.classes_
+    out["ensemble"] = float((classes[np.mean(logits, axis=0).argmax(1)] == test_labels).mean())
+    return out
+
+
 def cluster_scores(features: np.ndarray, labels: np.ndarray, num_clusters: int | None = None,
                    seed: int = 0) -> dict[str, float]:
     """AMI, NMI and ARI of faiss k-means (K = number of classes) on L2-normalised features."""

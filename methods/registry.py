@@ -39,6 +39,11 @@ def method_class(name: str) -> type[Method]:
     return _METHODS[name]
 
 
+def is_two_view(name: str) -> bool:
+    """Whether the method scores a positive pair through ``pair_features`` / ``pair_loss``."""
+    return method_class(name).pair_loss is not Method.pair_loss
+
+
 def regularizer_class(name: str) -> type[Method]:
     """Wrappers that add a term to any two-view method (``method.regularizer`` in a config)."""
     from methods.zoo.icl_msr import ICLMSR, REGULARIZER

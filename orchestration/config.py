@@ -14,7 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from methods.registry import available, hyperparameters
+from methods.registry import available, hyperparameters, is_two_view
 
 # PCL's paper warm-up is 20 of 200 epochs; the CPU-sized default (20 epochs) keeps that ratio.
 DEFAULT_METHOD = {"name": "pcl", "warmup_epochs": 2}
@@ -55,6 +55,10 @@ class ModelConfig(Section):
     backbone: Literal["convnet", "resnet18", "resnet50"] = "convnet"
 
 
+CHOICES = {"contrast_mode": ("all", "one"), "sub_network": ("fc", "same")}
+"""Method hyperparameters that take one of a few words."""
+
+
 class MethodConfig(BaseModel):
     """``name`` plus that method's own hyperparameters (its constructor's keyword arguments)."""
 
@@ -71,6 +75,9 @@ class MethodConfig(BaseModel):
             allowed = hyperparameters(self.name, self.regularizer)
         except ValueError as exc:
             raise ValueError(str(exc)) from None
+        if self.regularizer and not is_two_view(self.name):
+            raise ValueError(f"method.regularizer: {self.regularizer} wraps two-view methods "
+                             f"(simclr, moco, pcl, supcon), not {self.name}")
         for key, value in (self.model_extra or {}).items():
             if key not in allowed:
                 raise ValueError(f"method.{key}: {self.name} has no such hyperparameter; it takes "
@@ -78,6 +85,9 @@ class MethodConfig(BaseModel):
             default = allowed[key]
             if isinstance(default, bool) and not isinstance(value, bool):
                 raise ValueError(f"method.{key} must be true or false (got {value!r})")
+            if key in CHOICES and value not in CHOICES[key]:
+                raise ValueError(f"method.{key} must be one of {', '.join(CHOICES[key])} "
+                                 f"(got {value!r})")
             if isinstance(default, (int, float)) and not isinstance(default, bool) and (
                     isinstance(value, bool) or not isinstance(value, (int, float))):
                 raise ValueError(f"method.{key} must be a number (got {value!r})")

@@ -24,6 +24,13 @@ INVALID = [
     (["method.nosuch=1"], "nosuch"),
     (["method.name=simclr", "method.queue_size=10"], "queue_size"),
     (["method.gather_distributed=3", "method.name=simclr"], "gather_distributed"),
+    (["method.regularizer=nosuch"], "unknown regularizer"),
+    (["method.lambda_=0.5"], "lambda_"),
+    (["method.regularizer=icl_msr", "method.lambda_=-0.5"], "lambda_"),
+    (["method.regularizer=icl_msr", "method.gamma=-1"], "gamma"),
+    (["method.regularizer=icl_msr", "method.num_semantics=2.5"], "num_semantics"),
+    (["method={name: selfcon, regularizer: icl_msr}"], "two-view"),
+    (["method={name: supcon, contrast_mode: 3}"], "contrast_mode"),
     (["clustering.num_clusters=[1, 10]"], "num_clusters"),
     (["clustering.num_clusters=[]"], "num_clusters"),
     (["clustering.num_clusters=[10, 60000]"], "num_clusters"),
@@ -90,6 +97,14 @@ def test_defaults_are_pcl_on_fashion_mnist_and_round_trip():
     assert again == cfg
     flat = cfg.flat()
     assert flat["method.temperature"] == 0.2 and flat["clustering.num_clusters"] == [50, 100, 200]
+
+
+def test_regularizer_hyperparameters_join_the_method_and_round_trip():
+    cfg = build_config({}, ["method.regularizer=icl_msr", "method.lambda_=0.3"])
+    flat = cfg.flat()
+    assert flat["method.regularizer"] == "icl_msr" and flat["method.lambda_"] == 0.3
+    assert flat["method.gamma"] == 0.1 and "method.warmup_epochs" in flat  # regularizer + base
+    assert build_config(__import__("yaml").safe_load(to_yaml(cfg))) == cfg
 
 
 def test_overrides_are_typed_yaml_values():

@@ -5,7 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from methods.evaluation import cluster_scores, embedding_plot, evaluate, knn_accuracy, linear_probe_accuracy
+from methods.evaluation import (
+    cluster_scores,
+    embedding_plot,
+    evaluate,
+    knn_accuracy,
+    linear_probe_accuracy,
+    linear_probe_exits,
+)
 
 
 def _blobs(n_per: int, num_classes: int = 4, dim: int = 16, seed: int = 0, spread: float = 0.2):
@@ -51,6 +58,24 @@ def test_linear_probe_separable():
     noise = rng.normal(size=(400, 16))
     acc = linear_probe_accuracy(noise[:200], rng.integers(0, 4, 200), noise[200:], rng.integers(0, 4, 200))
     assert acc < 0.45
+
+
+def test_linear_probe_exits_and_their_ensemble():
+    """Two noisy exits that see the same classes with independent noise: averaging their logits
+    beats each alone."""
+    rng = np.random.default_rng(3)
+    y_train, y_test = rng.integers(0, 4, 600), rng.integers(0, 4, 600)
+    centers = np.eye(8)[:4] * 1.0
+
+    def exit_features(y):
+        return (centers[y] + rng.normal(scale=0.9, size=(len(y), 8))).astype(np.float32)
+
+    train = {"backbone": exit_features(y_train), "sub": exit_features(y_train)}
+    test = {"backbone": exit_features(y_test), "sub": exit_features(y_test)}
+    out = linear_probe_exits(train, y_train, test, y_test)
+    assert set(out) == {"backbone", "sub", "ensemble"}
+    assert out["backbone"] == linear_probe_accuracy(train["backbone"], y_train, test["backbone"], y_test)
+    assert out["ensemble"] > max(out["backbone"], out["sub"])
 
 
 def test_cluster_scores_separable():

@@ -83,3 +83,29 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(ray_cluster, tiny_config,
     state = torch.load(checkpoint / "state.pt", weights_only=True)
     assert state["epoch"] == 0
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+ICL_PCL = ("{name: pcl, regularizer: icl_msr, temperature: 0.2, momentum: 0.9, queue_size: 256, "
+           "proj_hidden_dim: 128, num_negative_prototypes: 64, warmup_epochs: 1, lambda_: 0.5, "
+           "num_semantics: 2, second_order: false}")
+
+
+@pytest.mark.parametrize("method", [ICL_PCL, "{name: selfcon, proj_hidden_dim: 128}"],
+                         ids=["icl_msr_on_pcl", "selfcon_s"])
+def test_two_workers_train_issue6_methods(ray_cluster, tiny_config, method):
+    """ICL-MSR's meta step (its own optimiser and all-reduce beside DDP) and SelfCon's two exits
+    through Ray Train with two workers."""
+    from orchestration.experiment import make_method
+
+    cfg = tiny_config(f"method={method}", "optim.epochs=2")
+    summary = train(cfg, evaluate=False)
+    losses = _history(summary, "loss")
+    assert [step for step, _ in losses] == [0, 1] and all(math.isfinite(v) for _, v in losses)
+    assert [s for s, _ in _history(summary, "knn_holdout")] == [0, 1]
+    state = torch.load(Path(summary.checkpoint) / "state.pt", weights_only=True)["model"]
+    if "icl_msr" in method:
+        assert [s for s, _ in _history(summary, "loss_msr")] == [0, 1]
+        assert [s for s, _ in _history(summary, "loss_proto")] == [1]  # the PCL base's E-step ran
+        initial = make_method(cfg, 1, 8).state_dict()
+        moved = [k for k in state if k.startswith("f_msr.") and not torch.equal(state[k], initial[k])]
+        assert moved, "the meta step never updated f_msr"

@@ -47,6 +47,15 @@ def test_bad_space_names_the_key(space, fragment):
     assert fragment in str(err.value) and "\n" not in str(err.value)
 
 
+def test_icl_msr_space_validates_only_with_the_regularizer():
+    space = load_space(ROOT / "configs" / "spaces" / "icl_msr.yaml")
+    assert {"method.lambda_", "method.gamma", "method.alpha", "method.num_semantics"} <= set(space)
+    validate_space(load_config(ROOT / "configs" / "icl_msr_simclr_fashion_mnist.yaml")
+                   .model_dump(mode="json"), space)
+    with pytest.raises(ConfigError, match="method.lambda_"):
+        validate_space(load_config(TINY).model_dump(mode="json"), space)
+
+
 def test_space_yaml(tmp_path):
     space = load_space(ROOT / "configs" / "spaces" / "tiny_digits.yaml")
     assert set(space) == {"method.temperature", "clustering.num_clusters"}

@@ -31,6 +31,7 @@ from torch.func import functional_call
 
 from methods.base import Batch, DevicePrototypes, Method
 from methods.losses import uniformity
+from methods.registry import is_two_view
 from methods.views import to_input
 
 REGULARIZER = "icl_msr"
@@ -109,7 +110,7 @@ class ICLMSR(Method):
                  num_semantics: int = 4, uniformity_t: float = 2.0, msr_lr: float = 1e-3,
                  second_order: bool = True):
         nn.Module.__init__(self)
-        if type(base).pair_loss is Method.pair_loss:
+        if not is_two_view(base.name):
             raise ValueError(f"method.regularizer: icl_msr needs a two-view method (simclr, moco, "
                              f"pcl, supcon); {base.name} is not one")
         if num_semantics < 2:
