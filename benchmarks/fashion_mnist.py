@@ -1,12 +1,15 @@
-"""PCL, MoCo v2 and SimCLR on Fashion-MNIST for a fixed epoch budget on this machine, evaluated
-beside raw pixels: kNN (k=200, InstDisc weighting), linear probe, and AMI/NMI/ARI of k-means
-(K=10) on the test split.
+"""Contrastive methods (PCL, MoCo v2, SimCLR, SupCon, SelfCon-S/M, ICL-MSR) on Fashion-MNIST
+for a fixed epoch budget on this machine, evaluated beside raw pixels: kNN (k=200, InstDisc
+weighting), linear probe, and AMI/NMI/ARI of k-means (K=10) on the test split. SupCon and SelfCon
+use the labels (their papers' setting); SelfCon rows add the linear probe of the sub-network exit
+and of the two exits' ensemble.
 
 Runs the plain single-process ``methods.training.fit`` (the path the Ray workers reuse), all
 methods with the same backbone, views, batch and schedule, so rows differ only by the method.
 
-    python benchmarks/fashion_mnist.py --epochs 10                # every method, 10 epochs each
+    python benchmarks/fashion_mnist.py --epochs 10                # PCL, MoCo, SimCLR, 10 epochs each
     python benchmarks/fashion_mnist.py --methods pcl --epochs 30
+    python benchmarks/fashion_mnist.py --methods simclr icl_msr supcon selfcon_s selfcon_m --epochs 4
 
 The last line is JSON with the headline figures.
 """
@@ -22,24 +25,32 @@ import torch
 
 from methods.backbones import build_backbone
 from methods.data import load_fashion_mnist
-from methods.evaluation import evaluate
+from methods.evaluation import evaluate, linear_probe_exits
 from methods.registry import build_method
 from methods.training import OptimConfig, encode, fit
 from methods.views import view_spec
 
 # Shared settings, chosen for a 2-core CPU; each method keeps its paper temperature family.
-HPARAMS = {
-    "simclr": {"temperature": 0.2, "proj_hidden_dim": 512},
-    "moco": {"temperature": 0.2, "momentum": 0.99, "queue_size": 16384, "proj_hidden_dim": 512},
-    "pcl": {"temperature": 0.2, "momentum": 0.99, "queue_size": 16384, "proj_hidden_dim": 512,
-            "num_negative_prototypes": 1000},
+# Row name -> (registered method, hyperparameters).
+_QUEUE = {"momentum": 0.99, "queue_size": 16384, "proj_hidden_dim": 512}
+_SUPCON = {"temperature": 0.1, "base_temperature": 0.07, "proj_hidden_dim": 512}
+ROWS: dict[str, tuple[str, dict]] = {
+    "simclr": ("simclr", {"temperature": 0.2, "proj_hidden_dim": 512}),
+    "moco": ("moco", {"temperature": 0.2, **_QUEUE}),
+    "pcl": ("pcl", {"temperature": 0.2, **_QUEUE, "num_negative_prototypes": 1000}),
+    "supcon": ("supcon", _SUPCON),
+    "selfcon_s": ("selfcon", {**_SUPCON, "multi_view": False}),
+    "selfcon_m": ("selfcon", {**_SUPCON, "multi_view": True}),
+    "icl_msr": ("simclr", {"temperature": 0.2, "proj_hidden_dim": 512, "regularizer": "icl_msr"}),
+    "icl_msr_fo": ("simclr", {"temperature": 0.2, "proj_hidden_dim": 512, "regularizer": "icl_msr",
+                              "second_order": False}),
 }
 
 
-def run_method(name: str, train, test, epochs: int, batch_size: int, lr: float,
+def run_method(row: str, train, test, epochs: int, batch_size: int, lr: float,
                num_clusters: list[int], seed: int) -> dict[str, float]:
     torch.manual_seed(seed)
-    hparams = dict(HPARAMS[name])
+    name, hparams = ROWS[row][0], dict(ROWS[row][1])
     if name == "pcl":
         hparams["warmup_epochs"] = max(1, epochs // 10)  # the paper's 20 of 200
     method = build_method(name, build_backbone("convnet", 1, 28), view_spec("small", size=28),
@@ -47,19 +58,26 @@ def run_method(name: str, train, test, epochs: int, batch_size: int, lr: float,
     start = time.perf_counter()
     history = fit(method, train, epochs, batch_size, OptimConfig(lr=lr), num_clusters,
                   kmeans_temperature=hparams["temperature"], seed=seed,
-                  on_epoch_end=lambda e, m: print(f"  {name} epoch {e}: loss {m['loss']:.3f} "
+                  on_epoch_end=lambda e, m: print(f"  {row} epoch {e}: loss {m['loss']:.3f} "
                                                   f"({m['epoch_s']:.0f}s)", flush=True))
     train_s = time.perf_counter() - start
     train_x = encode(method.embed, train.images, method)
     test_x = encode(method.embed, test.images, method)
     scores = evaluate(train_x, train.labels.numpy(), test_x, test.labels.numpy(), seed)
+    if hasattr(method, "exit_embeds"):  # SelfCon: linear probe on each exit and the ensemble
+        exits = {e: (encode(lambda x, e=e: method.exit_embeds(x)[e], train.images, method),
+                     encode(lambda x, e=e: method.exit_embeds(x)[e], test.images, method))
+                 for e in ("backbone", "sub")}
+        per_exit = linear_probe_exits({e: v[0] for e, v in exits.items()}, train.labels.numpy(),
+                                      {e: v[1] for e, v in exits.items()}, test.labels.numpy(), seed=seed)
+        scores.update({f"linear_{e}": v for e, v in per_exit.items()})
     return {**scores, "epochs": epochs, "train_min": train_s / 60,
             "epoch_s": float(np.median([h["epoch_s"] for h in history]))}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--methods", nargs="+", default=["pcl", "moco", "simclr"], choices=list(HPARAMS))
+    p.add_argument("--methods", nargs="+", default=["pcl", "moco", "simclr"], choices=list(ROWS))
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--lr", type=float, default=0.06)
@@ -91,6 +109,11 @@ def main() -> None:
     headline = {f"{name.replace(' ', '_')}_{c}": round(r[c], 4) for name, r in rows.items()
                 for c in ("knn", "linear", "ami")}
     headline.update({f"{n}_epoch_s": round(r["epoch_s"], 1) for n, r in rows.items() if "epoch_s" in r})
+    for name, r in rows.items():
+        for key in ("linear_sub", "linear_ensemble"):
+            if key in r:
+                print(f"{name}: {key.replace('_', ' ')} {r[key]:.4f} (backbone exit {r['linear']:.4f})")
+                headline[f"{name}_{key}"] = round(r[key], 4)
     headline["epochs"] = args.epochs
     print(json.dumps(headline))
 
