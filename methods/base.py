@@ -31,6 +31,7 @@ class Method(nn.Module):
     name: ClassVar[str] = ""
     needs_prototypes: ClassVar[bool] = False
     prototype_warmup_epochs: int = 0
+    progress: float = 0.0  # fraction of training done, set by the loop (BYOL's momentum schedule)
 
     def __init__(self, backbone: nn.Module, views: ViewSpec, seed: int = 0):
         super().__init__()

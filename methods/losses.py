@@ -93,6 +93,23 @@ def nt_xent(z0: torch.Tensor, z1: torch.Tensor, temperature: float = 0.5, gather
     return F.cross_entropy(logits, positive)
 
 
+def info_nce_in_batch(q: torch.Tensor, k: torch.Tensor, temperature: float = 0.2) -> torch.Tensor:
+    """MoCo v3's contrastive loss (Chen, Xie & He 2021, arXiv 2104.02057, Algorithm 1): InfoNCE
+    whose negatives are the other keys of the (global) batch, no queue, scaled by 2t as their code.
+
+    Args:
+        q: queries ``[N, D]`` of this rank (normalised here), with gradient.
+        k: momentum keys ``[N, D]`` of this rank; every rank's keys are gathered (no gradient).
+    """
+    check_temperature(temperature)
+    rank, _ = _world()
+    q = F.normalize(q, dim=1)
+    keys = gather_no_grad(F.normalize(k, dim=1))
+    logits = q @ keys.T / temperature  # [N, N * world]
+    labels = torch.arange(len(q), device=q.device) + rank * len(q)
+    return 2 * temperature * F.cross_entropy(logits, labels)
+
+
 def sample_negative_prototypes(positive: torch.Tensor, num_clusters: int, r: int,
                                generator: torch.Generator | None = None) -> torch.Tensor:
     """``r`` cluster ids not positive for any sample in the batch (as PCL's official code).
@@ -219,3 +236,51 @@ def uniformity(vectors: torch.Tensor, t: float = 2.0) -> torch.Tensor:
     off_diagonal = ~torch.eye(n, dtype=torch.bool, device=a.device)
     per_row = energy[:, off_diagonal].logsumexp(dim=1) - math.log(n * (n - 1))
     return per_row.mean()
+
+
+# Score functions (Le-Khac et al. 2020, sec. 4.3): the similarity s(a, b) inside the energy
+# exp(s / t). Each maps ``[N, D]`` x ``[M, D]`` to ``[N, M]``.
+
+
+def dot_score(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return a @ b.T
+
+
+def cosine_score(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return F.normalize(a, dim=1) @ F.normalize(b, dim=1).T
+
+
+def bilinear_score(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """a^T W b, the score of CPC (van den Oord et al. 2018, eq. 3, W_k) with ``weight`` [D, D]."""
+    return a @ weight @ b.T
+
+
+def euclidean_score(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Negative squared Euclidean distance, so that larger is more similar like the others."""
+    return -torch.cdist(a, b).pow(2)
+
+
+def negative_cosine(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """D(p, z) = -p/||p|| . z/||z||, averaged (SimSiam, Chen & He 2021, arXiv 2011.10566, eq. 1);
+    ``z`` is detached here: the stop-gradient of their eq. 3 is part of the loss's definition."""
+    return -F.cosine_similarity(p, z.detach(), dim=1).mean()
+
+
+def margin_contrastive(x0: torch.Tensor, x1: torch.Tensor, similar: torch.Tensor,
+                       margin: float = 1.0) -> torch.Tensor:
+    """Hadsell, Chopra & LeCun 2006, eq. 4, with D the Euclidean distance of a pair:
+
+    L = similar * 1/2 D^2 + (1 - similar) * 1/2 max(0, margin - D)^2, averaged over pairs.
+    """
+    d = F.pairwise_distance(x0, x1)
+    s = similar.to(d.dtype)
+    return (s * 0.5 * d.pow(2) + (1 - s) * 0.5 * F.relu(margin - d).pow(2)).mean()
+
+
+def triplet(anchor: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor,
+            margin: float = 0.2) -> torch.Tensor:
+    """FaceNet's triplet loss (Schroff et al. 2015, eq. 1) on squared Euclidean distances:
+    max(0, ||a - p||^2 - ||a - n||^2 + margin), averaged."""
+    pos = (anchor - positive).pow(2).sum(1)
+    neg = (anchor - negative).pow(2).sum(1)
+    return F.relu(pos - neg + margin).mean()

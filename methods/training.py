@@ -85,10 +85,12 @@ def make_optimizer(method: Method, cfg: OptimConfig, steps_per_epoch: int, epoch
 def train_epoch(method: Method, dataset: ImageDataset, batches: Sequence[torch.Tensor],
                 optimizer: torch.optim.Optimizer, scheduler, epoch: int,
                 prototypes: DevicePrototypes | None = None, device: str | torch.device = "cpu",
-                model: torch.nn.Module | None = None) -> dict[str, float]:
+                model: torch.nn.Module | None = None, total_epochs: int | None = None
+                ) -> dict[str, float]:
     """One pass over ``batches``; returns the mean of every metric the method reports.
 
-    ``model`` is what is called (a DDP wrapper in workers); ``method`` gets ``on_step_end``.
+    ``model`` is what is called (a DDP wrapper in workers); ``method`` gets ``on_step_end``, with
+    ``method.progress`` set first when ``total_epochs`` is known.
     """
     model = model or method
     model.train()
@@ -105,6 +107,8 @@ def train_epoch(method: Method, dataset: ImageDataset, batches: Sequence[torch.T
         loss.backward()
         optimizer.step()
         scheduler.step()
+        if total_epochs:
+            method.progress = (epoch + (step + 1) / len(batches)) / total_epochs
         method.on_step_end()
         for name, value in {"loss": loss.item(), **metrics}.items():
             sums[name] = sums.get(name, 0.0) + value
@@ -147,7 +151,7 @@ def fit(method: Method, dataset: ImageDataset, epochs: int, batch_size: int,
             prototypes, estep_s = found.on_device(device), time.perf_counter() - start
         batches = epoch_batches(len(dataset), batch_size, epoch, seed)
         metrics = train_epoch(method, dataset, batches, optimizer, scheduler, epoch, prototypes,
-                              device)
+                              device, total_epochs=epochs)
         metrics.update(epoch=epoch, epoch_s=time.perf_counter() - start, estep_s=estep_s)
         history.append(metrics)
         if on_epoch_end:

@@ -98,7 +98,8 @@ def train_loop(config: dict) -> None:
         _inject_nan(config.get("faults"), epoch, rank, method)
         try:
             metrics.update(train_epoch(method, train, batches, optimizer, scheduler, epoch,
-                                       active.on_device(device) if active else None, device, model))
+                                       active.on_device(device) if active else None, device, model,
+                                       total_epochs=cfg.optim.epochs))
         except NonFiniteLossError as exc:  # every rank raises at the same step (all_ranks)
             ray.train.report({"epoch": epoch, "stopped": str(exc)})
             return

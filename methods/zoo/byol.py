@@ -1,0 +1,59 @@
+"""BYOL (Grill et al. 2020, arXiv 2006.07733): no negatives. An online network (backbone,
+projector, predictor) predicts an EMA target network's projection of the other view; the loss is
+the normalised squared error 2 - 2 cos (their eq. 2), symmetrised (eq. 3). The target momentum
+rises from ``momentum`` to 1 on a cosine: tau = 1 - (1 - tau_base)(cos(pi k / K) + 1) / 2.
+Paper defaults: projector 4096 -> 256 with BatchNorm, predictor the same shape, tau_base 0.996.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from methods.base import Batch, Method
+from methods.heads import projection_mlp
+from methods.losses import negative_cosine
+from methods.momentum import ema_update, momentum_copy
+from methods.registry import register
+from methods.views import ViewSpec
+
+
+def embedding_std(z: torch.Tensor) -> float:
+    """Mean per-dimension std of L2-normalised embeddings: 1/sqrt(dim) when spread over the
+    sphere, 0 when collapsed (the monitor of SimSiam, Chen & He 2021, sec. 4.1)."""
+    return F.normalize(z.detach(), dim=1).std(dim=0).mean().item()
+
+
+@register("byol")
+class BYOL(Method):
+    def __init__(self, backbone: nn.Module, views: ViewSpec, momentum: float = 0.996,
+                 proj_hidden_dim: int = 4096, proj_dim: int = 256, pred_hidden_dim: int = 4096,
+                 seed: int = 0):
+        super().__init__(backbone, views, seed)
+        if not 0 <= momentum < 1:
+            raise ValueError(f"method.momentum must be in [0, 1), got {momentum}")
+        self.base_momentum = momentum
+        self.projection = projection_mlp(backbone.feature_dim, proj_hidden_dim, proj_dim,
+                                         batch_norm=True)
+        self.predictor = projection_mlp(proj_dim, pred_hidden_dim, proj_dim, batch_norm=True)
+        self.online = nn.Sequential(self.backbone, self.projection)
+        self.target = momentum_copy(self.online)
+
+    def training_step(self, batch: Batch, prototypes=None) -> tuple[torch.Tensor, dict[str, float]]:
+        x = torch.cat([self.view(batch.images), self.view(batch.images)])
+        z = self.online(x)
+        p0, p1 = self.predictor(z).chunk(2)
+        with torch.no_grad():
+            t0, t1 = self.target(x).chunk(2)
+        # 2 - 2 cos(p, t) per direction = 2 + 2 * negative_cosine; both directions summed (eq. 3)
+        loss = 2 * (1 + negative_cosine(p0, t1)) + 2 * (1 + negative_cosine(p1, t0))
+        return loss, {"embedding_std": embedding_std(z)}
+
+    def current_momentum(self) -> float:
+        return 1 - (1 - self.base_momentum) * (math.cos(math.pi * self.progress) + 1) / 2
+
+    def on_step_end(self) -> None:
+        ema_update(self.target, self.online, self.current_momentum())

@@ -1,0 +1,108 @@
+"""Issue 7 pieces so far: pair losses and score functions against lightly or the paper's
+equation; BYOL, SimSiam and MoCo v3 training on digits (the first two without collapsing)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from lightly.loss import NegativeCosineSimilarity
+
+from methods.backbones import build_backbone
+from methods.data import load_digits
+from methods.evaluation import knn_accuracy
+from methods.losses import (
+    bilinear_score,
+    cosine_score,
+    dot_score,
+    euclidean_score,
+    info_nce_in_batch,
+    margin_contrastive,
+    negative_cosine,
+    triplet,
+)
+from methods.registry import build_method
+from methods.training import OptimConfig, encode, fit
+from methods.views import view_spec
+
+
+def test_negative_cosine_matches_lightly_and_stops_gradient():
+    g = torch.Generator().manual_seed(0)
+    p = torch.randn(8, 16, generator=g, requires_grad=True)
+    z = torch.randn(8, 16, generator=g, requires_grad=True)
+    torch.testing.assert_close(negative_cosine(p, z), NegativeCosineSimilarity()(p, z))
+    negative_cosine(p, z).backward()
+    assert p.grad is not None and z.grad is None
+
+
+def test_margin_contrastive_matches_equation():
+    x0 = torch.tensor([[0.0, 0.0], [0.0, 0.0], [0.0, 0.0]])
+    x1 = torch.tensor([[3.0, 4.0], [0.3, 0.4], [3.0, 4.0]])  # distances 5, 0.5, 5
+    similar = torch.tensor([1, 0, 0])
+    expected = (0.5 * 25 + 0.5 * (1.0 - 0.5) ** 2 + 0.0) / 3  # dissimilar beyond the margin: 0
+    assert margin_contrastive(x0, x1, similar, margin=1.0).item() == pytest.approx(expected)
+
+
+def test_triplet_matches_equation():
+    g = torch.Generator().manual_seed(1)
+    a, p, n = (torch.randn(6, 4, generator=g) for _ in range(3))
+    expected = sum(max(0.0, float(((a[i] - p[i]) ** 2).sum() - ((a[i] - n[i]) ** 2).sum()) + 0.5)
+                   for i in range(6)) / 6
+    assert triplet(a, p, n, margin=0.5).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_info_nce_in_batch_matches_moco_v3_algorithm():
+    g = torch.Generator().manual_seed(3)
+    q, k = torch.randn(5, 8, generator=g), torch.randn(5, 8, generator=g)
+    qn, kn, t = F.normalize(q, dim=1), F.normalize(k, dim=1), 0.2
+    expected = 0.0
+    for i in range(5):
+        scores = [math.exp(float(qn[i] @ kn[j]) / t) for j in range(5)]
+        expected += -math.log(scores[i] / sum(scores))
+    assert info_nce_in_batch(q, k, t).item() == pytest.approx(2 * t * expected / 5, rel=1e-5)
+
+
+def test_score_functions():
+    g = torch.Generator().manual_seed(2)
+    a, b, w = torch.randn(3, 5, generator=g), torch.randn(4, 5, generator=g), torch.randn(5, 5, generator=g)
+    assert dot_score(a, b)[1, 2].item() == pytest.approx(float(a[1] @ b[2]), rel=1e-6)
+    cos = float(F.cosine_similarity(a[0], b[3], dim=0))
+    assert cosine_score(a, b)[0, 3].item() == pytest.approx(cos, rel=1e-5)
+    assert bilinear_score(a, b, w)[2, 1].item() == pytest.approx(float(a[2] @ w @ b[1]), rel=1e-5)
+    assert euclidean_score(a, b)[1, 0].item() == pytest.approx(-float(((a[1] - b[0]) ** 2).sum()), rel=1e-5)
+    torch.testing.assert_close(bilinear_score(a, b, torch.eye(5)), dot_score(a, b))
+
+
+def test_byol_momentum_rises_on_a_cosine_to_one():
+    m = build_method("byol", build_backbone("convnet", 1, 8), view_spec("digits"), momentum=0.99,
+                     proj_hidden_dim=32, proj_dim=16, pred_hidden_dim=32)
+    values = []
+    for progress in (0.0, 0.5, 1.0):
+        m.progress = progress
+        values.append(m.current_momentum())
+    assert values == pytest.approx([0.99, 0.995, 1.0])
+
+
+@pytest.mark.parametrize("name,hparams", [
+    ("byol", {"momentum": 0.99, "proj_hidden_dim": 256, "proj_dim": 64, "pred_hidden_dim": 256}),
+    ("simsiam", {"proj_hidden_dim": 256, "proj_dim": 256, "pred_hidden_dim": 64}),
+    ("moco_v3", {"proj_hidden_dim": 256, "proj_dim": 64, "pred_hidden_dim": 256})])
+def test_no_collapse_and_beats_random_encoder(name, hparams):
+    torch.set_num_threads(1)
+    tr, te = load_digits("train"), load_digits("test")
+    torch.manual_seed(0)
+    m = build_method(name, build_backbone("convnet", 1, 8), view_spec("digits"), **hparams)
+
+    def knn() -> float:
+        return knn_accuracy(encode(m.embed, tr.images, m), tr.labels.numpy(),
+                            encode(m.embed, te.images, m), te.labels.numpy())
+
+    before = knn()
+    history = fit(m, tr, epochs=2, batch_size=64, optim=OptimConfig(lr=0.05))
+    after = knn()
+    if "embedding_std" in history[0]:  # the two methods without negatives
+        floor = 0.5 / math.sqrt(hparams["proj_dim"])
+        assert all(h["embedding_std"] > floor for h in history), [h["embedding_std"] for h in history]
+    assert after > before + 0.03, f"{name}: kNN {before:.3f} -> {after:.3f}"
