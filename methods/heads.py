@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch.nn as nn
+import torch.nn.functional as F
 
 
 def projection_mlp(in_dim: int, hidden_dim: int, out_dim: int, num_layers: int = 2,
@@ -24,3 +25,30 @@ def projection_mlp(in_dim: int, hidden_dim: int, out_dim: int, num_layers: int =
         dim = hidden_dim
     layers.append(nn.Linear(dim, out_dim))
     return nn.Sequential(*layers)
+
+
+class NormedLinear(nn.Linear):
+    """A bias-free linear layer whose weight rows are L2-normalised in every forward: DINO's last
+    layer with weight normalisation and its norm fixed to 1 (their ``norm_last_layer``)."""
+
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__(in_dim, out_dim, bias=False)
+
+    def forward(self, x):
+        return F.linear(x, F.normalize(self.weight, dim=1))
+
+
+class DINOHead(nn.Module):
+    """DINO's projection head (Caron et al. 2021, sec. 3.1 and appendix): a 3-layer MLP (GELU) to
+    a bottleneck, L2 normalisation, then a weight-normalised linear layer to K outputs."""
+
+    def __init__(self, in_dim: int, hidden_dim: int = 2048, bottleneck_dim: int = 256,
+                 out_dim: int = 65536):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.GELU(),
+                                 nn.Linear(hidden_dim, hidden_dim), nn.GELU(),
+                                 nn.Linear(hidden_dim, bottleneck_dim))
+        self.last = NormedLinear(bottleneck_dim, out_dim)
+
+    def forward(self, x):
+        return self.last(F.normalize(self.mlp(x), dim=1))

@@ -284,3 +284,93 @@ def triplet(anchor: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor
     pos = (anchor - positive).pow(2).sum(1)
     neg = (anchor - negative).pow(2).sum(1)
     return F.relu(pos - neg + margin).mean()
+
+
+def _all_reduce_sum(x: torch.Tensor, gather: bool) -> torch.Tensor:
+    if gather and _world()[1] > 1:
+        x = x.clone()
+        dist.all_reduce(x)
+    return x
+
+
+@torch.no_grad()
+def sinkhorn(scores: torch.Tensor, iterations: int = 3, epsilon: float = 0.05, gather: bool = False
+             ) -> torch.Tensor:
+    """Soft codes Q for SwAV (Caron et al. 2020, arXiv 2006.09882, eq. 3 and sec. 3.1): the
+    entropic optimal transport of B samples onto K prototypes with equal mass per prototype,
+    solved by ``iterations`` Sinkhorn-Knopp rounds on exp(scores / epsilon). With ``gather`` the
+    B samples are every rank's (sums are all-reduced), so the equipartition holds for the global
+    batch. Returns ``[B, K]`` codes whose rows sum to 1.
+    """
+    world = _world()[1] if gather else 1
+    # exp(x - max) for stability; the global max is one constant that the normalisations cancel
+    top = scores.max()
+    if world > 1:
+        dist.all_reduce(top, op=dist.ReduceOp.MAX)
+    q = torch.exp((scores - top) / epsilon)  # [B, K]
+    total = len(q) * world
+    num_prototypes = q.shape[1]
+    q /= _all_reduce_sum(q.sum(), gather)
+    for _ in range(iterations):
+        q /= _all_reduce_sum(q.sum(dim=0, keepdim=True), gather) * num_prototypes  # columns: 1/K
+        q /= q.sum(dim=1, keepdim=True) * total  # rows: 1/B
+    return q * total
+
+
+def swav_loss(global_scores: list[torch.Tensor], local_scores: list[torch.Tensor] | None = None,
+              temperature: float = 0.1, iterations: int = 3, epsilon: float = 0.05,
+              gather: bool = False) -> torch.Tensor:
+    """SwAV's swapped prediction (Caron et al. 2020, eq. 1-2): the codes of each global crop are
+    predicted from every other crop, -sum_k q_k log softmax(z.c_k / t), averaged over crops and
+    over the global crops that provide codes.
+
+    Args:
+        global_scores / local_scores: per crop, prototype scores ``[B, K]`` (z.c of normalised z
+            and prototypes); codes come from the global crops only.
+    """
+    check_temperature(temperature)
+    crops = [*global_scores, *(local_scores or [])]
+    total = global_scores[0].new_zeros(())
+    for i, scores in enumerate(global_scores):
+        codes = sinkhorn(scores.detach(), iterations, epsilon, gather)
+        others = [c for j, c in enumerate(crops) if j != i]
+        total = total + sum(-(codes * F.log_softmax(c / temperature, dim=1)).sum(1).mean()
+                            for c in others) / len(others)
+    return total / len(global_scores)
+
+
+def dino_loss(teacher: list[torch.Tensor], student: list[torch.Tensor], center: torch.Tensor,
+              teacher_temperature: float = 0.04, student_temperature: float = 0.1) -> torch.Tensor:
+    """DINO's cross-entropy (Caron et al. 2021, arXiv 2104.14294, eq. 3 and Algorithm 1): the
+    centred, sharpened teacher distribution of each global view against the student's of every
+    other view, sum_k -P_t log P_s, averaged over the (teacher, student) pairs of distinct views.
+
+    Args:
+        teacher: per global view, teacher outputs ``[B, K]`` (no gradient).
+        student: per view (the global ones first, in the teacher's order), student outputs.
+        center: ``[K]`` running mean of teacher outputs.
+    """
+    check_temperature(teacher_temperature, "teacher_temperature")
+    check_temperature(student_temperature, "student_temperature")
+    log_students = [F.log_softmax(s / student_temperature, dim=1) for s in student]
+    total, pairs = teacher[0].new_zeros(()), 0
+    for i, t in enumerate(teacher):
+        p_t = F.softmax((t.detach() - center) / teacher_temperature, dim=1)
+        for j, log_s in enumerate(log_students):
+            if i != j:
+                total = total - (p_t * log_s).sum(1).mean()
+                pairs += 1
+    if pairs == 0:
+        raise ValueError("dino_loss needs at least two views")
+    return total / pairs
+
+
+@torch.no_grad()
+def update_center(center: torch.Tensor, teacher: list[torch.Tensor], momentum: float = 0.9,
+                  gather: bool = True) -> None:
+    """c <- m c + (1 - m) mean of the teacher outputs over views and the global batch (DINO
+    eq. 4), in place."""
+    stacked = torch.cat(teacher)
+    batch_sum = _all_reduce_sum(stacked.sum(0), gather)
+    count = len(stacked) * (_world()[1] if gather else 1)
+    center.mul_(momentum).add_(batch_sum / count, alpha=1 - momentum)

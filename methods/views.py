@@ -180,3 +180,16 @@ def to_input(images: torch.Tensor, spec: ViewSpec) -> torch.Tensor:
         x = F.interpolate(x, size=(spec.size, spec.size), mode="bilinear", antialias=True,
                           align_corners=False)
     return (x - spec.mean) / spec.std
+
+
+def local_view_spec(spec: ViewSpec, size: int) -> ViewSpec:
+    """Multi-crop's small views (SwAV, Caron et al. 2020, sec. 3.2): ``size`` px crops of a small
+    area, below the global views' smallest crop (the paper: 96 px at 5-14% beside 224 px at
+    14-100%)."""
+    return replace(spec, size=size, crop_scale=(0.05, max(0.05, spec.crop_scale[0])))
+
+
+def local_size(image_size: int, ratio: float) -> int:
+    """Side of the local crops: ``ratio`` of the global side (96 / 224 in the papers), at least
+    8 px (the ConvNet max-pools three times)."""
+    return max(8, round(image_size * ratio))

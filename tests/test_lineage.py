@@ -1,5 +1,6 @@
-"""Issue 7 pieces so far: pair losses and score functions against lightly or the paper's
-equation; BYOL, SimSiam and MoCo v3 training on digits (the first two without collapsing)."""
+"""Issue 7 pieces so far: losses against lightly (NegativeCosineSimilarity, SwaVLoss with its
+Sinkhorn, DINOLoss with its centre) or the paper's equation; BYOL, SimSiam, MoCo v3, SwAV and
+DINO training on digits (BYOL and SimSiam without collapsing)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from lightly.loss import NegativeCosineSimilarity
+from lightly.loss import DINOLoss, NegativeCosineSimilarity, SwaVLoss
+from lightly.loss.swav_loss import sinkhorn as lightly_sinkhorn
 
 from methods.backbones import build_backbone
 from methods.data import load_digits
@@ -16,12 +18,16 @@ from methods.evaluation import knn_accuracy
 from methods.losses import (
     bilinear_score,
     cosine_score,
+    dino_loss,
     dot_score,
     euclidean_score,
     info_nce_in_batch,
     margin_contrastive,
     negative_cosine,
+    sinkhorn,
+    swav_loss,
     triplet,
+    update_center,
 )
 from methods.registry import build_method
 from methods.training import OptimConfig, encode, fit
@@ -64,6 +70,42 @@ def test_info_nce_in_batch_matches_moco_v3_algorithm():
     assert info_nce_in_batch(q, k, t).item() == pytest.approx(2 * t * expected / 5, rel=1e-5)
 
 
+def test_sinkhorn_matches_lightly_and_equipartitions():
+    g = torch.Generator().manual_seed(4)
+    scores = F.normalize(torch.randn(32, 8, generator=g), dim=1) @ F.normalize(
+        torch.randn(10, 8, generator=g), dim=1).T  # [B=32, K=10] cosine scores
+    codes = sinkhorn(scores, iterations=3, epsilon=0.05)
+    torch.testing.assert_close(codes, lightly_sinkhorn(scores, 3, 0.05), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(codes.sum(1), torch.ones(32))  # each sample's code is a distribution
+    many = sinkhorn(scores, iterations=50, epsilon=0.05)
+    torch.testing.assert_close(many.sum(0), torch.full((10,), 3.2), rtol=1e-3, atol=1e-3)  # B/K each
+
+
+@pytest.mark.parametrize("num_local", [0, 3])
+def test_swav_loss_matches_lightly(num_local):
+    g = torch.Generator().manual_seed(5)
+    high = [torch.randn(16, 12, generator=g).tanh() for _ in range(2)]
+    low = [torch.randn(16, 12, generator=g).tanh() for _ in range(num_local)]
+    expected = SwaVLoss(temperature=0.1, sinkhorn_iterations=3, sinkhorn_epsilon=0.05)(high, low)
+    got = swav_loss(high, low, temperature=0.1, iterations=3, epsilon=0.05)
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("num_local", [0, 4])
+def test_dino_loss_and_center_match_lightly(num_local):
+    g = torch.Generator().manual_seed(6)
+    teacher = [torch.randn(8, 32, generator=g) for _ in range(2)]
+    student = [torch.randn(8, 32, generator=g) for _ in range(2 + num_local)]
+    reference = DINOLoss(output_dim=32, teacher_temp=0.05, student_temp=0.1, center_momentum=0.9)
+    reference.center.copy_(torch.randn(1, 1, 32, generator=g))
+    center = reference.center.view(-1).clone()
+    expected = reference(teacher, student, teacher_temp=0.05)
+    got = dino_loss(teacher, student, center, teacher_temperature=0.05, student_temperature=0.1)
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5)
+    update_center(center, teacher, momentum=0.9)
+    torch.testing.assert_close(center, reference.center.view(-1))
+
+
 def test_score_functions():
     g = torch.Generator().manual_seed(2)
     a, b, w = torch.randn(3, 5, generator=g), torch.randn(4, 5, generator=g), torch.randn(5, 5, generator=g)
@@ -88,7 +130,9 @@ def test_byol_momentum_rises_on_a_cosine_to_one():
 @pytest.mark.parametrize("name,hparams", [
     ("byol", {"momentum": 0.99, "proj_hidden_dim": 256, "proj_dim": 64, "pred_hidden_dim": 256}),
     ("simsiam", {"proj_hidden_dim": 256, "proj_dim": 256, "pred_hidden_dim": 64}),
-    ("moco_v3", {"proj_hidden_dim": 256, "proj_dim": 64, "pred_hidden_dim": 256})])
+    ("moco_v3", {"proj_hidden_dim": 256, "proj_dim": 64, "pred_hidden_dim": 256}),
+    ("swav", {"num_prototypes": 30, "proj_hidden_dim": 256, "num_local_crops": 2}),
+    ("dino", {"out_dim": 256, "hidden_dim": 256, "bottleneck_dim": 64, "num_local_crops": 2})])
 def test_no_collapse_and_beats_random_encoder(name, hparams):
     torch.set_num_threads(1)
     tr, te = load_digits("train"), load_digits("test")

@@ -1,5 +1,6 @@
 """One module per method; importing this package registers them all."""
 
-from methods.zoo import byol, moco, moco_v3, pcl, selfcon, simclr, simsiam, supcon
+from methods.zoo import byol, dino, moco, moco_v3, pcl, selfcon, simclr, simsiam, supcon, swav
 
-__all__ = ["byol", "moco", "moco_v3", "pcl", "selfcon", "simclr", "simsiam", "supcon"]
+__all__ = ["byol", "dino", "moco", "moco_v3", "pcl", "selfcon", "simclr", "simsiam", "supcon",
+           "swav"]

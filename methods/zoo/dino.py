@@ -1,0 +1,74 @@
+"""DINO (Caron et al. 2021, arXiv 2104.14294): self-distillation without labels. A student
+(backbone + DINO head) matches an EMA teacher's centred, sharpened output distribution; the
+teacher sees the 2 global views, the student those and ``num_local_crops`` small ones. The teacher
+temperature warms up linearly from ``warmup_teacher_temperature`` over the first
+``teacher_warmup_fraction`` of training (the paper: 0.04 -> 0.07 over 30 of 300 epochs); the
+teacher momentum rises from ``momentum`` to 1 on a cosine; the centre is an EMA (0.9) of the
+teacher outputs over every worker's batch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from methods.base import Batch, Method
+from methods.heads import DINOHead
+from methods.losses import check_temperature, dino_loss, update_center
+from methods.momentum import ema_update, momentum_copy
+from methods.registry import register
+from methods.views import ViewSpec, augment, local_size, local_view_spec
+
+
+@register("dino")
+class DINO(Method):
+    def __init__(self, backbone: nn.Module, views: ViewSpec, out_dim: int = 65536,
+                 hidden_dim: int = 2048, bottleneck_dim: int = 256, student_temperature: float = 0.1,
+                 teacher_temperature: float = 0.07, warmup_teacher_temperature: float = 0.04,
+                 teacher_warmup_fraction: float = 0.1, momentum: float = 0.996,
+                 center_momentum: float = 0.9, num_local_crops: int = 6,
+                 local_size_ratio: float = 96 / 224, seed: int = 0):
+        super().__init__(backbone, views, seed)
+        for name, t in (("student_temperature", student_temperature),
+                        ("teacher_temperature", teacher_temperature),
+                        ("warmup_teacher_temperature", warmup_teacher_temperature)):
+            check_temperature(t, f"method.{name}")
+        if not 0 <= momentum < 1:
+            raise ValueError(f"method.momentum must be in [0, 1), got {momentum}")
+        self.student_temperature = student_temperature
+        self.teacher_temperatures = (warmup_teacher_temperature, teacher_temperature)
+        self.teacher_warmup_fraction = teacher_warmup_fraction
+        self.base_momentum, self.center_momentum = momentum, center_momentum
+        self.num_local_crops, self.local_size_ratio = num_local_crops, local_size_ratio
+        self.head = DINOHead(backbone.feature_dim, hidden_dim, bottleneck_dim, out_dim)
+        self.student = nn.Sequential(self.backbone, self.head)
+        self.teacher = momentum_copy(self.student)
+        self.register_buffer("center", torch.zeros(out_dim))
+
+    def teacher_temperature(self) -> float:
+        start, end = self.teacher_temperatures
+        if self.progress >= self.teacher_warmup_fraction:
+            return end
+        return start + (end - start) * self.progress / self.teacher_warmup_fraction
+
+    def training_step(self, batch: Batch, prototypes=None) -> tuple[torch.Tensor, dict[str, float]]:
+        x = torch.cat([self.view(batch.images) for _ in range(2)])
+        with torch.no_grad():
+            teacher = list(self.teacher(x).chunk(2))
+        student = list(self.student(x).chunk(2))
+        if self.num_local_crops:
+            side = local_size(self.views.size or batch.images.shape[-1], self.local_size_ratio)
+            spec = local_view_spec(self.views, side)
+            local = torch.cat([augment(batch.images, spec, self.generator)
+                               for _ in range(self.num_local_crops)])
+            student += list(self.student(local).chunk(self.num_local_crops))
+        t = self.teacher_temperature()
+        loss = dino_loss(teacher, student, self.center, t, self.student_temperature)
+        update_center(self.center, teacher, self.center_momentum)
+        return loss, {"teacher_temperature": t}
+
+    def on_step_end(self) -> None:
+        m = 1 - (1 - self.base_momentum) * (math.cos(math.pi * self.progress) + 1) / 2
+        ema_update(self.teacher, self.student, m)
