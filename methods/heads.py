@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -52,3 +53,27 @@ class DINOHead(nn.Module):
 
     def forward(self, x):
         return self.last(F.normalize(self.mlp(x), dim=1))
+
+
+class GumbelQuantizer(nn.Module):
+    """A quantisation head (Le-Khac et al. 2020, sec. 4.2; the Gumbel-softmax codebook of
+    wav2vec 2.0, Baevski et al. 2020, sec. 2): logits over ``codebook_size`` learned codes, a
+    hard Gumbel-softmax sample in training (straight-through gradients, Jang et al. 2017) and the
+    argmax in evaluation; the output is the chosen code vector. Put it after any projection.
+    """
+
+    def __init__(self, in_dim: int, codebook_size: int, code_dim: int, temperature: float = 1.0):
+        super().__init__()
+        if codebook_size < 2:
+            raise ValueError(f"codebook_size must be >= 2, got {codebook_size}")
+        self.to_logits = nn.Linear(in_dim, codebook_size)
+        self.codebook = nn.Parameter(torch.randn(codebook_size, code_dim))
+        self.temperature = temperature
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.to_logits(x)
+        if self.training:
+            one_hot = F.gumbel_softmax(logits, tau=self.temperature, hard=True)
+        else:
+            one_hot = F.one_hot(logits.argmax(1), logits.shape[1]).to(x.dtype)
+        return one_hot @ self.codebook

@@ -150,3 +150,21 @@ def test_no_collapse_and_beats_random_encoder(name, hparams):
         floor = 0.5 / math.sqrt(hparams["proj_dim"])
         assert all(h["embedding_std"] > floor for h in history), [h["embedding_std"] for h in history]
     assert after > before + 0.03, f"{name}: kNN {before:.3f} -> {after:.3f}"
+
+
+def test_gumbel_quantizer_outputs_codes_with_gradients():
+    from methods.heads import GumbelQuantizer
+
+    torch.manual_seed(0)
+    q = GumbelQuantizer(in_dim=6, codebook_size=5, code_dim=3)
+    x = torch.randn(10, 6, requires_grad=True)
+    out = q(x)
+    matches = (out[:, None, :] - q.codebook[None]).abs().sum(-1) < 1e-6  # each row is one code
+    assert matches.sum(1).eq(1).all()
+    out.pow(2).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0  # straight-through reaches the input
+    assert q.codebook.grad is not None
+    q.eval()
+    torch.testing.assert_close(q(x), q.codebook[q.to_logits(x).argmax(1)])
+    with pytest.raises(ValueError, match="codebook_size"):
+        GumbelQuantizer(4, 1, 2)
