@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torchvision
 
-BACKBONES = ("convnet", "resnet18", "resnet50")
+BACKBONES = ("convnet", "resnet18", "resnet50", "vit_tiny")
 
 
 def _conv_block(cin: int, cout: int, pool: bool) -> nn.Sequential:
@@ -67,6 +67,24 @@ def _resnet(name: str, in_channels: int, small_images: bool) -> nn.Module:
     return net
 
 
+def small_vit(in_channels: int, image_size: int) -> nn.Module:
+    """A ViT for small images (MoCo v3's ViT option, scaled down): torchvision's
+    VisionTransformer with 4 px patches up to 32 px inputs (image_size / 8 above), 4 layers,
+    3 heads, width 192 (ViT-Tiny's). The class token is the feature. Inputs must be exactly
+    ``image_size`` square, so multi-crop's smaller views do not fit it."""
+    patch = 4 if image_size <= 32 else image_size // 8
+    if image_size % patch:
+        raise ValueError(f"vit_tiny needs an image size divisible by its {patch} px patches, "
+                         f"got {image_size}")
+    net = torchvision.models.VisionTransformer(image_size=image_size, patch_size=patch,
+                                               num_layers=4, num_heads=3, hidden_dim=192,
+                                               mlp_dim=768)
+    net.conv_proj = nn.Conv2d(in_channels, 192, kernel_size=patch, stride=patch)
+    net.heads = nn.Identity()
+    net.feature_dim = 192
+    return net
+
+
 def build_backbone(name: str, in_channels: int, image_size: int) -> nn.Module:
     """A backbone with a ``feature_dim`` attribute. ResNets switch to the small-image stem below
     64 px."""
@@ -74,6 +92,8 @@ def build_backbone(name: str, in_channels: int, image_size: int) -> nn.Module:
         return ConvNet(in_channels)
     if name in ("resnet18", "resnet50"):
         return _resnet(name, in_channels, small_images=image_size < 64)
+    if name == "vit_tiny":
+        return small_vit(in_channels, image_size)
     raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
 
 

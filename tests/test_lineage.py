@@ -168,3 +168,20 @@ def test_gumbel_quantizer_outputs_codes_with_gradients():
     torch.testing.assert_close(q(x), q.codebook[q.to_logits(x).argmax(1)])
     with pytest.raises(ValueError, match="codebook_size"):
         GumbelQuantizer(4, 1, 2)
+
+
+def test_moco_v3_trains_a_small_vit():
+    from methods.base import Batch
+
+    torch.manual_seed(0)
+    backbone = build_backbone("vit_tiny", 1, 8)
+    assert backbone(torch.zeros(2, 1, 8, 8)).shape == (2, 192)
+    m = build_method("moco_v3", backbone, view_spec("digits"), proj_hidden_dim=64, proj_dim=32,
+                     pred_hidden_dim=64)
+    digits = load_digits("train")
+    idx = torch.arange(16)
+    loss, _ = m.training_step(Batch(idx, digits.images[idx], digits.labels[idx]))
+    loss.backward()
+    assert backbone.conv_proj.weight.grad is not None and torch.isfinite(loss)
+    with pytest.raises(ValueError, match="divisible"):
+        build_backbone("vit_tiny", 3, 100)  # 12 px patches do not tile 100 px
