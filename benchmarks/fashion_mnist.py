@@ -44,6 +44,17 @@ ROWS: dict[str, tuple[str, dict]] = {
     "icl_msr": ("simclr", {"temperature": 0.2, "proj_hidden_dim": 512, "regularizer": "icl_msr"}),
     "icl_msr_fo": ("simclr", {"temperature": 0.2, "proj_hidden_dim": 512, "regularizer": "icl_msr",
                               "second_order": False}),
+    "moco_v1": ("moco", {"temperature": 0.07, "momentum": 0.999, "queue_size": 16384,
+                         "proj_layers": 1}),
+    "moco_v3": ("moco_v3", {"temperature": 0.2, "momentum": 0.99, "proj_hidden_dim": 1024,
+                            "proj_dim": 256, "pred_hidden_dim": 1024}),
+    "byol": ("byol", {"momentum": 0.99, "proj_hidden_dim": 1024, "proj_dim": 256,
+                      "pred_hidden_dim": 1024}),
+    "simsiam": ("simsiam", {"proj_hidden_dim": 1024, "proj_dim": 1024, "pred_hidden_dim": 256}),
+    "swav": ("swav", {"temperature": 0.1, "num_prototypes": 100, "proj_hidden_dim": 512,
+                      "num_local_crops": 2}),
+    "dino": ("dino", {"out_dim": 4096, "hidden_dim": 1024, "bottleneck_dim": 256,
+                      "num_local_crops": 2}),
 }
 
 
@@ -57,7 +68,7 @@ def run_method(row: str, train, test, epochs: int, batch_size: int, lr: float,
                           seed=seed, **hparams)
     start = time.perf_counter()
     history = fit(method, train, epochs, batch_size, OptimConfig(lr=lr), num_clusters,
-                  kmeans_temperature=hparams["temperature"], seed=seed,
+                  kmeans_temperature=hparams.get("temperature", 0.2), seed=seed,
                   on_epoch_end=lambda e, m: print(f"  {row} epoch {e}: loss {m['loss']:.3f} "
                                                   f"({m['epoch_s']:.0f}s)", flush=True))
     train_s = time.perf_counter() - start

@@ -145,3 +145,17 @@ class MultiExit(nn.Module):
         mid = self.trunk(x)
         return self.rest(mid).mean(dim=(2, 3)), self.sub(mid)
 
+
+
+def with_in_channels(backbone: nn.Module, in_channels: int) -> nn.Module:
+    """``backbone`` with its first convolution replaced by a fresh one reading ``in_channels``
+    (CMC's encoders for the L and ab views); unchanged if it already reads that many."""
+    for parent in backbone.modules():
+        for name, child in parent.named_children():
+            if isinstance(child, nn.Conv2d):
+                if child.in_channels != in_channels:
+                    setattr(parent, name, nn.Conv2d(in_channels, child.out_channels, child.kernel_size,
+                                                    child.stride, child.padding,
+                                                    bias=child.bias is not None))
+                return backbone
+    raise ValueError(f"{type(backbone).__name__} has no convolution to adapt")

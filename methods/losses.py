@@ -374,3 +374,22 @@ def update_center(center: torch.Tensor, teacher: list[torch.Tensor], momentum: f
     batch_sum = _all_reduce_sum(stacked.sum(0), gather)
     count = len(stacked) * (_world()[1] if gather else 1)
     center.mul_(momentum).add_(batch_sum / count, alpha=1 - momentum)
+
+
+def cross_view_info_nce(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.07,
+                        gather: bool = False) -> torch.Tensor:
+    """CMC's two-view objective (Tian et al. 2019, arXiv 1906.05849, eq. 3-4) with the other
+    images of the (global) batch as negatives: L(V1, V2) + L(V2, V1), where L(V1, V2) anchors each
+    view-1 embedding and picks its own image's view-2 embedding among all view-2 embeddings.
+
+    Args:
+        z1, z2: ``[N, D]`` embeddings of the two views (normalised here).
+    """
+    check_temperature(temperature)
+    rank, world = _world() if gather else (0, 1)
+    a, b = F.normalize(z1, dim=1), F.normalize(z2, dim=1)
+    keys_a = gather_with_grad(a) if world > 1 else a
+    keys_b = gather_with_grad(b) if world > 1 else b
+    labels = torch.arange(len(a), device=a.device) + rank * len(a)
+    return (F.cross_entropy(a @ keys_b.T / temperature, labels)
+            + F.cross_entropy(b @ keys_a.T / temperature, labels))

@@ -193,3 +193,37 @@ def local_size(image_size: int, ratio: float) -> int:
     """Side of the local crops: ``ratio`` of the global side (96 / 224 in the papers), at least
     8 px (the ConvNet max-pools three times)."""
     return max(8, round(image_size * ratio))
+
+
+def rgb_to_lab(rgb: torch.Tensor) -> torch.Tensor:
+    """CIE L*a*b* (D65 white) of sRGB images in [0, 1], ``[B, 3, H, W]`` -> L in [0, 100], a and b
+    roughly in [-128, 127]. The sRGB transfer curve and XYZ matrix are IEC 61966-2-1's."""
+    linear = torch.where(rgb > 0.04045, ((rgb + 0.055) / 1.055) ** 2.4, rgb / 12.92)
+    matrix = rgb.new_tensor([[0.4124564, 0.3575761, 0.1804375],
+                             [0.2126729, 0.7151522, 0.0721750],
+                             [0.0193339, 0.1191920, 0.9503041]])
+    xyz = torch.einsum("ij,bjhw->bihw", matrix, linear)
+    xyz = xyz / rgb.new_tensor([0.95047, 1.0, 1.08883]).view(1, 3, 1, 1)
+    eps = (6 / 29) ** 3
+    f = torch.where(xyz > eps, xyz.clamp(min=eps) ** (1 / 3), xyz / (3 * (6 / 29) ** 2) + 4 / 29)
+    fx, fy, fz = f[:, 0], f[:, 1], f[:, 2]
+    return torch.stack([116 * fy - 16, 500 * (fx - fy), 200 * (fy - fz)], dim=1)
+
+
+def gradient_magnitude(gray: torch.Tensor) -> torch.Tensor:
+    """Sobel gradient magnitude of ``[B, 1, H, W]`` images (CMC's second view for grayscale)."""
+    kx = gray.new_tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]]) / 8
+    kernels = torch.stack([kx, kx.T]).unsqueeze(1)  # [2, 1, 3, 3]
+    g = F.conv2d(F.pad(gray, (1, 1, 1, 1), mode="replicate"), kernels)
+    return g.pow(2).sum(1, keepdim=True).add(1e-12).sqrt()
+
+
+def split_views(x: torch.Tensor, spec: ViewSpec) -> list[torch.Tensor]:
+    """CMC's views of one normalised network input: L vs ab for RGB, intensity vs gradient
+    magnitude for grayscale; each re-centred to a similar scale."""
+    pixels = x * spec.std + spec.mean  # back to [0, 1]
+    if x.shape[1] == 3:
+        lab = rgb_to_lab(pixels.clamp(0, 1))
+        return [(lab[:, :1] - 50) / 50, lab[:, 1:] / 64]
+    grad = gradient_magnitude(pixels)
+    return [x, (grad - grad.mean()) / (grad.std() + 1e-6)]

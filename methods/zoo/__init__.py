@@ -1,6 +1,6 @@
 """One module per method; importing this package registers them all."""
 
-from methods.zoo import byol, dino, moco, moco_v3, pcl, selfcon, simclr, simsiam, supcon, swav
+from methods.zoo import byol, cmc, dino, moco, moco_v3, pcl, selfcon, simclr, simsiam, supcon, swav
 
-__all__ = ["byol", "dino", "moco", "moco_v3", "pcl", "selfcon", "simclr", "simsiam", "supcon",
+__all__ = ["byol", "cmc", "dino", "moco", "moco_v3", "pcl", "selfcon", "simclr", "simsiam", "supcon",
            "swav"]
