@@ -97,6 +97,15 @@ def build_backbone(name: str, in_channels: int, image_size: int) -> nn.Module:
     raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
 
 
+def fresh_copy(module: nn.Module) -> nn.Module:
+    """A copy of ``module``'s architecture with newly initialised weights (not shared, not equal)."""
+    out = copy.deepcopy(module)
+    for m in out.modules():
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+    return out
+
+
 def backbone_stages(backbone: nn.Module) -> list[nn.Module]:
     """The backbone as four sequential stages (pooling excluded), for multi-exit wrappers."""
     if isinstance(backbone, ConvNet):
@@ -133,11 +142,7 @@ class MultiExit(nn.Module):
             self.sub = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                                      nn.Linear(branch_channels, self.feature_dim))
         elif sub_network == "same":
-            copies = copy.deepcopy(self.rest)
-            for m in copies.modules():
-                if hasattr(m, "reset_parameters"):
-                    m.reset_parameters()
-            self.sub = nn.Sequential(copies, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+            self.sub = nn.Sequential(fresh_copy(self.rest), nn.AdaptiveAvgPool2d(1), nn.Flatten())
         else:
             raise ValueError(f"method.sub_network must be 'fc' or 'same', got {sub_network!r}")
 

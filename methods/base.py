@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from methods.views import ViewSpec, augment
+from methods.views import ViewSpec, augment, local_size, local_view_spec
 
 DevicePrototypes = list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 """Per granularity: (centroids [K, C], density [K], assignments [N]) on the training device."""
@@ -42,6 +42,13 @@ class Method(nn.Module):
     def view(self, images: torch.Tensor) -> torch.Tensor:
         """One random view of every image, parameters from this method's seeded generator."""
         return augment(images, self.views, self.generator)
+
+    def local_views(self, images: torch.Tensor, count: int, size_ratio: float) -> torch.Tensor:
+        """Multi-crop's ``count`` small views of every image, stacked view-major ``[count*B, ...]``
+        (SwAV, DINO); their side is ``size_ratio`` of the global views'."""
+        side = local_size(self.views.size or images.shape[-1], size_ratio)
+        spec = local_view_spec(self.views, side)
+        return torch.cat([augment(images, spec, self.generator) for _ in range(count)])
 
     def training_step(self, batch: Batch, prototypes: DevicePrototypes | None = None
                       ) -> tuple[torch.Tensor, dict[str, float]]:

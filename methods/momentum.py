@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -17,6 +19,12 @@ def ema_update(target: nn.Module, online: nn.Module, momentum: float) -> None:
     o_params = list(online.parameters())
     torch._foreach_mul_(t_params, momentum)
     torch._foreach_add_(t_params, o_params, alpha=1 - momentum)
+
+
+def cosine_momentum(base: float, progress: float) -> float:
+    """tau = 1 - (1 - tau_base)(cos(pi k / K) + 1) / 2 with k / K = ``progress``: BYOL's target
+    momentum schedule (Grill et al. 2020, sec. 3.2), also MoCo v3's and DINO's."""
+    return 1 - (1 - base) * (math.cos(math.pi * progress) + 1) / 2
 
 
 def momentum_copy(online: nn.Module) -> nn.Module:

@@ -7,8 +7,6 @@ Paper defaults: projector 4096 -> 256 with BatchNorm, predictor the same shape, 
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -16,7 +14,7 @@ import torch.nn.functional as F
 from methods.base import Batch, Method
 from methods.heads import projection_mlp
 from methods.losses import negative_cosine
-from methods.momentum import ema_update, momentum_copy
+from methods.momentum import cosine_momentum, ema_update, momentum_copy
 from methods.registry import register
 from methods.views import ViewSpec
 
@@ -53,7 +51,7 @@ class BYOL(Method):
         return loss, {"embedding_std": embedding_std(z)}
 
     def current_momentum(self) -> float:
-        return 1 - (1 - self.base_momentum) * (math.cos(math.pi * self.progress) + 1) / 2
+        return cosine_momentum(self.base_momentum, self.progress)
 
     def on_step_end(self) -> None:
         ema_update(self.target, self.online, self.current_momentum())

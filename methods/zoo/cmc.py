@@ -10,23 +10,14 @@ and a linear 128-d head as the paper.
 
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.nn as nn
 
-from methods.backbones import with_in_channels
+from methods.backbones import fresh_copy, with_in_channels
 from methods.base import Batch, Method
 from methods.losses import check_temperature, cross_view_info_nce
 from methods.registry import register
 from methods.views import ViewSpec, split_views
-
-
-def _reset(module: nn.Module) -> nn.Module:
-    for m in module.modules():
-        if hasattr(m, "reset_parameters"):
-            m.reset_parameters()
-    return module
 
 
 @register("cmc")
@@ -37,7 +28,7 @@ class CMC(Method):
         check_temperature(temperature, "method.temperature")
         self.temperature, self.gather_distributed = temperature, gather_distributed
         rgb = next(m for m in backbone.modules() if isinstance(m, nn.Conv2d)).in_channels == 3
-        second = _reset(copy.deepcopy(backbone))
+        second = fresh_copy(backbone)
         self.encoders = nn.ModuleList([with_in_channels(backbone, 1),
                                        with_in_channels(second, 2 if rgb else 1)])
         self.heads = nn.ModuleList([nn.Linear(backbone.feature_dim, proj_dim) for _ in range(2)])

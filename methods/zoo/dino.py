@@ -9,17 +9,15 @@ teacher outputs over every worker's batch.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
 
 from methods.base import Batch, Method
 from methods.heads import DINOHead
 from methods.losses import check_temperature, dino_loss, update_center
-from methods.momentum import ema_update, momentum_copy
+from methods.momentum import cosine_momentum, ema_update, momentum_copy
 from methods.registry import register
-from methods.views import ViewSpec, augment, local_size, local_view_spec
+from methods.views import ViewSpec
 
 
 @register("dino")
@@ -59,10 +57,7 @@ class DINO(Method):
             teacher = list(self.teacher(x).chunk(2))
         student = list(self.student(x).chunk(2))
         if self.num_local_crops:
-            side = local_size(self.views.size or batch.images.shape[-1], self.local_size_ratio)
-            spec = local_view_spec(self.views, side)
-            local = torch.cat([augment(batch.images, spec, self.generator)
-                               for _ in range(self.num_local_crops)])
+            local = self.local_views(batch.images, self.num_local_crops, self.local_size_ratio)
             student += list(self.student(local).chunk(self.num_local_crops))
         t = self.teacher_temperature()
         loss = dino_loss(teacher, student, self.center, t, self.student_temperature)
@@ -70,5 +65,4 @@ class DINO(Method):
         return loss, {"teacher_temperature": t}
 
     def on_step_end(self) -> None:
-        m = 1 - (1 - self.base_momentum) * (math.cos(math.pi * self.progress) + 1) / 2
-        ema_update(self.teacher, self.student, m)
+        ema_update(self.teacher, self.student, cosine_momentum(self.base_momentum, self.progress))

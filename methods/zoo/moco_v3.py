@@ -8,15 +8,13 @@ encoder).
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
 
 from methods.base import Batch, Method
 from methods.heads import projection_mlp
 from methods.losses import check_temperature, info_nce_in_batch
-from methods.momentum import ema_update, momentum_copy
+from methods.momentum import cosine_momentum, ema_update, momentum_copy
 from methods.registry import register
 from methods.views import ViewSpec
 
@@ -46,7 +44,7 @@ class MoCoV3(Method):
         return loss, {}
 
     def current_momentum(self) -> float:
-        return 1 - (1 - self.base_momentum) * (math.cos(math.pi * self.progress) + 1) / 2
+        return cosine_momentum(self.base_momentum, self.progress)
 
     def on_step_end(self) -> None:
         ema_update(self.momentum_encoder, self.online, self.current_momentum())

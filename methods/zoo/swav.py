@@ -16,7 +16,7 @@ from methods.base import Batch, Method
 from methods.heads import projection_mlp
 from methods.losses import check_temperature, swav_loss
 from methods.registry import register
-from methods.views import ViewSpec, augment, local_size, local_view_spec
+from methods.views import ViewSpec
 
 
 @register("swav")
@@ -45,10 +45,7 @@ class SwAV(Method):
         global_scores = self.scores(torch.cat([self.view(batch.images) for _ in range(2)]), 2)
         local_scores = []
         if self.num_local_crops:
-            side = local_size(self.views.size or batch.images.shape[-1], self.local_size_ratio)
-            spec = local_view_spec(self.views, side)
-            x = torch.cat([augment(batch.images, spec, self.generator)
-                           for _ in range(self.num_local_crops)])
+            x = self.local_views(batch.images, self.num_local_crops, self.local_size_ratio)
             local_scores = self.scores(x, self.num_local_crops)
         loss = swav_loss(global_scores, local_scores, self.temperature, self.iterations,
                          self.epsilon, gather=self.gather_distributed)
