@@ -60,9 +60,12 @@ class Method(nn.Module):
         """Pooled backbone features ``[B, C]`` of the two views of every image.
 
         Split from ``pair_loss`` so a regulariser (ICL-MSR) can reweight the features' channels
-        and re-score the same pair without running the backbone again.
+        and re-score the same pair without running the backbone again. The default (SimCLR,
+        SupCon) sends both views through the one backbone in a single batch.
         """
-        raise NotImplementedError(f"{type(self).__name__} is not a two-view method")
+        x = torch.cat([self.view(batch.images), self.view(batch.images)])  # [2B, C, S, S]
+        h0, h1 = self.backbone(x).chunk(2)
+        return h0, h1
 
     def pair_loss(self, h0: torch.Tensor, h1: torch.Tensor, batch: Batch,
                   prototypes: DevicePrototypes | None = None, record: bool = True

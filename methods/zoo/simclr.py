@@ -25,11 +25,6 @@ class SimCLR(Method):
         self.projection = projection_mlp(backbone.feature_dim, proj_hidden_dim, proj_dim,
                                          batch_norm=True)
 
-    def pair_features(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        x = torch.cat([self.view(batch.images), self.view(batch.images)])  # [2B, C, S, S]
-        h0, h1 = self.backbone(x).chunk(2)  # [B, F] each
-        return h0, h1
-
     def pair_loss(self, h0: torch.Tensor, h1: torch.Tensor, batch: Batch, prototypes=None,
                   record: bool = True) -> tuple[torch.Tensor, dict[str, float]]:
         z0, z1 = self.projection(torch.cat([h0, h1])).chunk(2)  # one BatchNorm over both views

@@ -44,11 +44,6 @@ class SupCon(Method):
         self.sum_inside_log, self.gather_distributed = sum_inside_log, gather_distributed
         self.projection = projection_mlp(backbone.feature_dim, proj_hidden_dim, proj_dim)
 
-    def pair_features(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        x = torch.cat([self.view(batch.images), self.view(batch.images)])
-        h0, h1 = self.backbone(x).chunk(2)
-        return h0, h1
-
     def pair_loss(self, h0: torch.Tensor, h1: torch.Tensor, batch: Batch, prototypes=None,
                   record: bool = True) -> tuple[torch.Tensor, dict[str, float]]:
         z = torch.stack(self.projection(torch.cat([h0, h1])).chunk(2), dim=1)  # [B, 2, D]
