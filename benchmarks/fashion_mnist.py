@@ -55,16 +55,23 @@ ROWS: dict[str, tuple[str, dict]] = {
                       "num_local_crops": 2}),
     "dino": ("dino", {"out_dim": 4096, "hidden_dim": 1024, "bottleneck_dim": 256,
                       "num_local_crops": 2}),
+    "instdisc": ("instdisc", {"temperature": 0.1, "num_negatives": 4096, "lr": 0.01}),
+    "cpc": ("cpc", {"prediction_steps": 3, "temperature": 0.1}),
+    "cmc": ("cmc", {"temperature": 0.2}),
 }
 
 
 def run_method(row: str, train, test, epochs: int, batch_size: int, lr: float,
-               num_clusters: list[int], seed: int) -> dict[str, float]:
+               num_clusters: list[int], seed: int, crop_min_scale: float | None = None
+               ) -> dict[str, float]:
     torch.manual_seed(seed)
     name, hparams = ROWS[row][0], dict(ROWS[row][1])
+    lr = hparams.pop("lr", lr)  # a row's own learning rate where the shared one diverges
     if name == "pcl":
         hparams["warmup_epochs"] = max(1, epochs // 10)  # the paper's 20 of 200
-    method = build_method(name, build_backbone("convnet", 1, 28), view_spec("small", size=28),
+    overrides = {} if crop_min_scale is None else {"crop_scale": (crop_min_scale, 1.0)}
+    views = view_spec("small", size=28, **overrides)
+    method = build_method(name, build_backbone("convnet", 1, 28), views,
                           seed=seed, **hparams)
     start = time.perf_counter()
     history = fit(method, train, epochs, batch_size, OptimConfig(lr=lr), num_clusters,
@@ -93,6 +100,8 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--lr", type=float, default=0.06)
     p.add_argument("--num-clusters", type=int, nargs="+", default=[50, 100, 200])
+    p.add_argument("--crop-min-scale", type=float, default=None,
+                   help="smallest crop area of the 'small' views (default theirs, 0.3)")
     p.add_argument("--limit", type=int, default=None, help="train on the first N images only")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
@@ -109,7 +118,7 @@ def main() -> None:
                                   args.seed)
     for name in args.methods:
         rows[name] = run_method(name, train, test, args.epochs, args.batch_size, args.lr,
-                                args.num_clusters, args.seed)
+                                args.num_clusters, args.seed, args.crop_min_scale)
         r = rows[name]  # each row as it finishes, so an interrupted run keeps what it measured
         print(f"  {name} done: kNN {r['knn']:.4f} linear {r['linear']:.4f} AMI {r['ami']:.4f} "
               f"({r['epoch_s']:.0f} s/epoch)", flush=True)

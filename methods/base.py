@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from methods.momentum import MemoryBank
 from methods.views import ViewSpec, augment, local_size, local_view_spec
 
 DevicePrototypes = list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
@@ -79,6 +80,29 @@ class Method(nn.Module):
 
     def on_step_end(self) -> None:
         """Called after every optimiser step (momentum updates, queue writes)."""
+
+    def bind_data(self, num_samples: int, rank: int = 0, world_size: int = 1) -> None:
+        """Called once before training with the training set's size and this rank's place:
+        fills every memory bank (InstDisc, CMC) with random rows for this rank's shard."""
+        for bank in self._banks().values():
+            bank.allocate(num_samples, rank, world_size, self.generator)
+
+    def rank_state(self) -> dict[str, torch.Tensor] | None:
+        """State that differs by rank (memory bank shards), for each rank's own checkpoint file;
+        None for methods whose whole state is the model state rank 0 saves."""
+        banks = self._banks()
+        return {name: bank.features.cpu() for name, bank in banks.items()} if banks else None
+
+    def load_rank_state(self, state: dict[str, torch.Tensor]) -> None:
+        for name, bank in self._banks().items():
+            if state[name].shape[1:] != bank.features.shape[1:]:
+                raise ValueError(f"memory bank {name!r} in the checkpoint has rows of shape "
+                                 f"{tuple(state[name].shape[1:])}, the method "
+                                 f"{tuple(bank.features.shape[1:])}")
+            bank.features = state[name].to(bank.features.device)
+
+    def _banks(self) -> dict[str, MemoryBank]:
+        return {name: m for name, m in self.named_modules() if isinstance(m, MemoryBank)}
 
     @torch.no_grad()
     def embed(self, x: torch.Tensor) -> torch.Tensor:

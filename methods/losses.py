@@ -393,3 +393,25 @@ def cross_view_info_nce(z1: torch.Tensor, z2: torch.Tensor, temperature: float =
     labels = torch.arange(len(a), device=a.device) + rank * len(a)
     return (F.cross_entropy(a @ keys_b.T / temperature, labels)
             + F.cross_entropy(b @ keys_a.T / temperature, labels))
+
+
+def nce_loss(positive: torch.Tensor, negatives: torch.Tensor, log_z: torch.Tensor | float,
+             num_samples: int) -> torch.Tensor:
+    """Noise-contrastive estimation of the non-parametric softmax (Wu et al. 2018, eq. 3-6).
+
+    P(i|v) = exp(v_i . f / t) / Z (eq. 2 with Z held fixed, eq. 5); with m noise samples from
+    P_n = 1/n, h(i, v) = P(i|v) / (P(i|v) + m P_n), and
+    J_NCE = -E[log h(i, v)] - m E_{P_n}[log(1 - h(i, v'))], the second term summed over the m
+    noise samples of each anchor.
+
+    Args:
+        positive: ``[B]`` scores v_i . f_i / t against each anchor's own memory entry.
+        negatives: ``[B, m]`` scores against the m noise entries.
+        log_z: log of the normalising constant Z.
+        num_samples: n, the size of the whole memory bank (every rank's shard).
+    """
+    log_noise = math.log(negatives.shape[1] / num_samples)  # log(m P_n)
+    log_p_pos, log_p_neg = positive - log_z, negatives - log_z
+    log_h_pos = log_p_pos - torch.logaddexp(log_p_pos, torch.full_like(log_p_pos, log_noise))
+    log_1mh_neg = log_noise - torch.logaddexp(log_p_neg, torch.full_like(log_p_neg, log_noise))
+    return -(log_h_pos + log_1mh_neg.sum(dim=1)).mean()

@@ -55,3 +55,54 @@ class FeatureQueue(nn.Module):
         idx = (self.ptr + torch.arange(len(keys), device=keys.device)) % len(self.keys)
         self.keys[idx] = keys.to(self.keys.dtype)
         self.ptr.copy_((self.ptr + len(keys)) % len(self.keys))
+
+
+class MemoryBank(nn.Module):
+    """One L2-normalised feature per training image (InstDisc's memory bank, Wu et al. 2018,
+    sec. 3.1), holding only this rank's shard.
+
+    Rank r owns images r, r + W, r + 2W, ... (the fixed shard ``training.epoch_batches`` gives
+    it), so image i is row i // W and a rank reads and writes only its own rows: no traffic
+    between ranks. Empty until ``allocate``, which needs the dataset size and the rank. The rows
+    are a non-persistent buffer: they differ by rank, so they go into each rank's own checkpoint
+    file (``Method.rank_state``), not into the model state that rank 0 saves.
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dim, self.rank, self.world_size = dim, 0, 1
+        self.register_buffer("features", torch.empty(0, dim), persistent=False)
+
+    @torch.no_grad()
+    def allocate(self, num_samples: int, rank: int, world_size: int,
+                 generator: torch.Generator) -> None:
+        """Random unit rows for the images ``rank::world_size`` of ``num_samples``."""
+        self.rank, self.world_size = rank, world_size
+        rows = len(range(rank, num_samples, world_size))
+        init = F.normalize(torch.randn(rows, self.dim, generator=generator), dim=1)
+        self.features = init.to(self.features.device)
+
+    def rows(self, indices: torch.Tensor) -> torch.Tensor:
+        if len(self.features) == 0:
+            raise RuntimeError("the memory bank is empty: call Method.bind_data before training")
+        if bool((indices % self.world_size != self.rank).any()):
+            raise ValueError(f"rank {self.rank} of {self.world_size} was given images outside its "
+                             "shard; batches must come from training.epoch_batches")
+        return indices // self.world_size
+
+    def lookup(self, indices: torch.Tensor) -> torch.Tensor:
+        """The stored features of dataset images ``indices`` (all in this rank's shard)."""
+        return self.features[self.rows(indices)]
+
+    def sample(self, count: int, generator: torch.Generator) -> torch.Tensor:
+        """``count`` rows drawn uniformly with replacement: the noise distribution P_n = 1/n."""
+        picks = torch.randint(len(self.features), (count,), generator=generator)
+        return self.features[picks.to(self.features.device)]
+
+    @torch.no_grad()
+    def update(self, indices: torch.Tensor, features: torch.Tensor, momentum: float) -> None:
+        """v_i <- normalise(m * v_i + (1 - m) * f_i): the proximal update of sec. 3.4 in the
+        authors' code's form (m = 0.5)."""
+        rows = self.rows(indices)
+        mixed = momentum * self.features[rows] + (1 - momentum) * features.to(self.features.dtype)
+        self.features[rows] = F.normalize(mixed, dim=1)

@@ -55,12 +55,15 @@ def epoch_batches(num_samples: int, batch_size: int, epoch: int, seed: int, rank
                   world_size: int = 1) -> list[torch.Tensor]:
     """This rank's batches of dataset indices for one epoch.
 
-    Every rank draws the same permutation from (seed, epoch) and takes every ``world_size``-th
-    index, so shards are disjoint and the union is the dataset. The last partial batch is
-    dropped so all ranks run the same number of steps (DDP and ``ray.train.report`` need that).
+    Rank r owns the fixed shard r, r + W, r + 2W, ... (disjoint, the union is the dataset) and
+    visits it in a fresh order drawn from (seed, epoch). Fixed shards let a memory bank be
+    sharded the same way (InstDisc): every rank reads and writes only rows it owns. The last
+    partial batch is dropped so all ranks run the same number of steps (DDP and
+    ``ray.train.report`` need that).
     """
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    order = torch.randperm(num_samples, generator=g)[rank::world_size]
+    shard = torch.arange(rank, num_samples, world_size)
+    order = shard[torch.randperm(len(shard), generator=g)]
     steps = num_samples // world_size // batch_size
     if steps == 0:
         raise ValueError(f"batch size {batch_size} per worker is larger than the "
@@ -138,6 +141,7 @@ def fit(method: Method, dataset: ImageDataset, epochs: int, batch_size: int,
     """Train ``method`` in this process; returns one metrics dict per epoch."""
     optim = optim or OptimConfig()
     method.to(device)
+    method.bind_data(len(dataset))
     steps = len(epoch_batches(len(dataset), batch_size, 0, seed))
     optimizer, scheduler = make_optimizer(method, optim, steps, epochs)
     history = []

@@ -69,3 +69,28 @@ def load_state(path: Path) -> dict:
     except Exception as exc:  # torch raises several types for truncated or foreign files
         raise ValueError(f"checkpoint {path} cannot be read ({type(exc).__name__}: {exc}); it is "
                          "damaged or not a protoray checkpoint. Use an earlier checkpoint.") from exc
+
+
+def rank_state_path(directory: Path, rank: int) -> Path:
+    return directory / f"rank_{rank}.pt"
+
+
+def save_rank_state(directory: Path, rank: int, world_size: int, state: dict) -> None:
+    """One rank's own state (its memory bank shard) beside rank 0's ``state.pt``."""
+    torch.save({"rank": rank, "world_size": world_size, "state": state},
+               rank_state_path(directory, rank))
+
+
+def load_rank_state(directory: Path, rank: int, world_size: int) -> dict:
+    """This rank's file of a checkpoint; a missing file or another worker count is a clear error
+    (a bank sharded W ways cannot be read by a different number of workers)."""
+    path = rank_state_path(directory, rank)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {directory} has no {path.name} for rank {rank}: it was "
+                                "written by fewer workers; resume with the same scaling.num_workers")
+    saved = load_state(path)
+    if saved["world_size"] != world_size:
+        raise ValueError(f"{path} holds a memory bank shard of {saved['world_size']} workers, this "
+                         f"run has {world_size}; resume with scaling.num_workers: "
+                         f"{saved['world_size']}")
+    return saved["state"]

@@ -32,7 +32,14 @@ from methods.training import (
     train_epoch,
 )
 from orchestration.config import ExperimentConfig
-from orchestration.experiment import load_splits, load_state, make_method, save_state
+from orchestration.experiment import (
+    load_rank_state,
+    load_splits,
+    load_state,
+    make_method,
+    save_rank_state,
+    save_state,
+)
 from orchestration.prototypes import fetch_prototypes
 
 CHECKPOINT_FILE = "state.pt"
@@ -56,6 +63,7 @@ def train_loop(config: dict) -> None:
     splits = load_splits(cfg)
     train = splits.train
     method = make_method(cfg, train.in_channels, train.image_size, rank).to(device)
+    method.bind_data(len(train), rank, world)
     model = ray.train.torch.prepare_model(method, parallel_strategy_kwargs={"broadcast_buffers": False})
     per_rank_batch = cfg.optim.batch_size // world
     steps = len(epoch_batches(len(train), per_rank_batch, 0, cfg.seed, rank, world))
@@ -69,6 +77,8 @@ def train_loop(config: dict) -> None:
     if checkpoint:
         with checkpoint.as_directory() as directory:
             state = load_state(Path(directory) / CHECKPOINT_FILE)
+            if method.rank_state() is not None:
+                method.load_rank_state(load_rank_state(Path(directory), rank, world))
         method.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -105,12 +115,18 @@ def train_loop(config: dict) -> None:
             return
         metrics["epoch_s"] = time.perf_counter() - start
 
-        # --- report: metrics from every rank, checkpoint and online kNN from rank 0
+        # --- report: metrics from every rank; the checkpoint and online kNN from rank 0, plus
+        # each rank's own file where the method keeps per-rank state (Ray merges the files)
         if rank == 0:
             metrics["knn_holdout"] = _online_knn(method, train, splits.holdout, device)
+        own = method.rank_state()
+        if rank == 0 or own is not None:
             with tempfile.TemporaryDirectory() as directory:
-                save_state(Path(directory) / CHECKPOINT_FILE, method, optimizer, scheduler, epoch,
-                           active, config["experiment"])
+                if rank == 0:
+                    save_state(Path(directory) / CHECKPOINT_FILE, method, optimizer, scheduler,
+                               epoch, active, config["experiment"])
+                if own is not None:
+                    save_rank_state(Path(directory), rank, world, own)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
         else:
             ray.train.report(metrics)

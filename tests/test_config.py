@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+
+from methods import registry
 
 from orchestration.cli import main
 from orchestration.config import ConfigError, build_config, load_config, to_yaml
+
+ROOT = Path(__file__).resolve().parents[1]
 
 INVALID = [
     # (overrides, a fragment the message must contain)
@@ -165,3 +171,12 @@ def test_kuberay_entrypoint_config_and_overrides_validate():
     overrides = [words[i + 1] for i, w in enumerate(words) if w == "--set"]
     cfg = load_config(root / config, overrides)
     assert cfg.scaling.use_gpu and cfg.model.backbone == "resnet18"
+
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_validates(path):
+    """A config whose hyperparameters drifted from its method's signature fails here, not in a
+    user's ``ray job submit``."""
+    cfg = load_config(path)
+    assert cfg.method.name in registry.available()

@@ -1,4 +1,4 @@
-"""Issue 7's methods through Ray Train with two workers (DDP on gloo) on digits: two epochs each,
+"""Issue 7's methods (InstDisc: test_instdisc) through Ray Train with two workers (DDP on gloo) on digits: two epochs each,
 beating the same encoder's kNN at initialisation; BYOL and SimSiam do not collapse."""
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ METHODS = {
     "swav": "{name: swav, num_prototypes: 30, proj_hidden_dim: 256, num_local_crops: 2}",
     "dino": "{name: dino, out_dim: 256, hidden_dim: 256, bottleneck_dim: 64, num_local_crops: 2}",
     "cmc": "{name: cmc, temperature: 0.2}",
+    "cpc": "{name: cpc, prediction_steps: 2, image_size: 16}",
 }
 EPOCHS = {"byol": 4, "cmc": 4}  # the slow starters on digits (see test_lineage); others 2
 

@@ -151,6 +151,7 @@ def test_epoch_batches_shards():
     s0, s1 = set(torch.cat(r0).tolist()), set(torch.cat(r1).tolist())
     assert len(s0) == len(s1) == 50
     assert not s0 & s1
+    assert {i % 2 for i in s0} == {0} and {i % 2 for i in s1} == {1}  # fixed shards (memory banks)
     assert (s0 | s1) <= set(range(n))
     # reproducible from (seed, epoch); a different epoch reshuffles
     again = epoch_batches(n, bs, epoch=3, seed=7, rank=0, world_size=2)
