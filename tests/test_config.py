@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 
 from methods import registry
-
 from orchestration.cli import main
 from orchestration.config import ConfigError, build_config, load_config, to_yaml
 

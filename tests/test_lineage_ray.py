@@ -1,5 +1,6 @@
-"""Issue 7's methods (InstDisc: test_instdisc) through Ray Train with two workers (DDP on gloo) on digits: two epochs each,
-beating the same encoder's kNN at initialisation; BYOL and SimSiam do not collapse."""
+"""Issue 7's methods through Ray Train with two workers (DDP on gloo) on digits: two epochs
+each, beating the same encoder's kNN at initialisation; BYOL and SimSiam do not collapse.
+InstDisc's run, with a worker killed and its bank shard resumed, is in test_instdisc."""
 
 from __future__ import annotations
 

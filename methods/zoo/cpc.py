@@ -7,10 +7,11 @@ other patches of the same and of other images.
 Small-image scaling of the paper's 64 px patches at stride 32 on images resized to 256 px (a
 7 x 7 grid, predicting up to 5 rows below): patches a quarter of the side (at least 8 px, which
 the small ConvNet needs) at half-patch stride, so 32 px images give the paper's 7 x 7 grid and
-28 px a 6 x 6 one; up to 3 rows below. ``image_size`` resizes first (8 px digits to 16). The context is a masked convolution (PixelCNN-style: rows above
-and the current row only). Negatives come from groups of 16 images, the per-GPU batch the
-paper contrasted within, which also keeps the logits to 16 * G^2 columns on a CPU. The
-representation is the mean over the grid of the patch encodings.
+28 px a 6 x 6 one; up to 3 rows below. ``image_size`` resizes first (8 px digits to 16). The
+context is a masked convolution (PixelCNN-style: rows above and the current row only).
+Negatives come from groups of 16 images, the per-GPU batch the paper contrasted within, which
+also keeps the logits to 16 * G^2 columns on a CPU. The representation is the mean over the
+grid of the patch encodings.
 """
 
 from __future__ import annotations
