@@ -52,10 +52,11 @@ ROWS: dict[str, tuple[str, dict]] = {
                       "pred_hidden_dim": 1024}),
     "simsiam": ("simsiam", {"proj_hidden_dim": 1024, "proj_dim": 1024, "pred_hidden_dim": 256}),
     "swav": ("swav", {"temperature": 0.1, "num_prototypes": 100, "proj_hidden_dim": 512,
-                      "num_local_crops": 2}),
+                      "num_local_crops": 2, "queue_length": 3840}),
     "dino": ("dino", {"out_dim": 4096, "hidden_dim": 1024, "bottleneck_dim": 256,
                       "num_local_crops": 2}),
     "instdisc": ("instdisc", {"temperature": 0.1, "num_negatives": 4096, "lr": 0.01}),
+    "cmc_bank": ("cmc", {"temperature": 0.2, "memory_bank": True, "num_negatives": 4096}),
     "cpc": ("cpc", {"prediction_steps": 3, "temperature": 0.1}),
     "cmc": ("cmc", {"temperature": 0.2}),
 }

@@ -319,7 +319,7 @@ def sinkhorn(scores: torch.Tensor, iterations: int = 3, epsilon: float = 0.05, g
 
 def swav_loss(global_scores: list[torch.Tensor], local_scores: list[torch.Tensor] | None = None,
               temperature: float = 0.1, iterations: int = 3, epsilon: float = 0.05,
-              gather: bool = False) -> torch.Tensor:
+              gather: bool = False, queue_scores: list[torch.Tensor] | None = None) -> torch.Tensor:
     """SwAV's swapped prediction (Caron et al. 2020, eq. 1-2): the codes of each global crop are
     predicted from every other crop, -sum_k q_k log softmax(z.c_k / t), averaged over crops and
     over the global crops that provide codes.
@@ -327,12 +327,18 @@ def swav_loss(global_scores: list[torch.Tensor], local_scores: list[torch.Tensor
     Args:
         global_scores / local_scores: per crop, prototype scores ``[B, K]`` (z.c of normalised z
             and prototypes); codes come from the global crops only.
+        queue_scores: per global crop, scores ``[L, K]`` of that crop's queued features from
+            earlier batches (sec. 4.1, small batches): they join Sinkhorn's equipartition and
+            their codes are dropped.
     """
     check_temperature(temperature)
     crops = [*global_scores, *(local_scores or [])]
     total = global_scores[0].new_zeros(())
     for i, scores in enumerate(global_scores):
-        codes = sinkhorn(scores.detach(), iterations, epsilon, gather)
+        batch = scores.detach()
+        if queue_scores is not None:
+            batch = torch.cat([batch, queue_scores[i].detach()])
+        codes = sinkhorn(batch, iterations, epsilon, gather)[: len(scores)]
         others = [c for j, c in enumerate(crops) if j != i]
         total = total + sum(-(codes * F.log_softmax(c / temperature, dim=1)).sum(1).mean()
                             for c in others) / len(others)

@@ -23,8 +23,8 @@ from methods.training import OptimConfig, encode, epoch_batches, fit
 from methods.views import view_spec
 from orchestration.experiment import load_rank_state, load_splits, save_rank_state
 
-# T 0.1 (the authors' CIFAR setting) and a small lr: the NCE gradient sums m noise terms, and on
-# digits (n = 1,347) lr 0.05 collapsed the features (kNN 0.896 -> 0.46) where 0.002 gave 0.93
+# T 0.1 (the authors' CIFAR setting) and a small lr: the NCE gradient sums m noise terms; on
+# digits (n = 1,347, 4 epochs) kNN went 0.896 -> 0.871 at lr 0.05, -> 0.951 at lr 0.002
 DIGITS = {"temperature": 0.1, "num_negatives": 512}
 DIGITS_LR = 0.002
 
@@ -115,7 +115,6 @@ def test_instdisc_learns_on_digits():
     before = knn()
     history = fit(m, tr, epochs=4, batch_size=64, optim=OptimConfig(lr=DIGITS_LR))
     assert all(math.isfinite(h["loss"]) for h in history)
-    assert not torch.isnan(m.log_z)
     assert history[-1]["positive_score"] > 0.2  # from ~0: anchors moved toward their entries
     after = knn()
     assert after > before + 0.02, f"kNN {before:.3f} -> {after:.3f}"
@@ -140,4 +139,33 @@ def test_two_workers_shard_checkpoint_and_resume_the_bank(ray_cluster, tiny_conf
         assert (shard * init.features).sum(1).mean() < 0.5
         assert torch.allclose(shard.norm(dim=1), torch.ones(len(shard)), atol=1e-5)
     state = torch.load(directory / "state.pt", weights_only=True)
-    assert state["epoch"] == 2 and torch.isfinite(state["model"]["log_z"])
+    assert state["epoch"] == 2 and "bank.features" not in state["model"]  # banks are per rank
+
+
+def test_cmc_memory_bank_scores_the_other_views_bank_and_updates_both():
+    tr = load_digits("train")
+    torch.manual_seed(0)
+    m = build_method("cmc", build_backbone("convnet", 1, 8), view_spec("digits"), memory_bank=True,
+                     num_negatives=64, temperature=0.2)
+    m.bind_data(len(tr))
+    assert set(m.rank_state()) == {"banks.0", "banks.1"}
+    idx = torch.arange(10, 42)
+    z = [F.normalize(torch.randn(32, 128), dim=1) for _ in range(2)]
+    gen_state = m.generator.get_state()
+    loss, _ = m.memory_loss(idx, z)
+    # the same draws by hand: view 1 against bank 2's entries and noise, then view 2 against bank 1
+    m.generator.set_state(gen_state)
+    expected = 0.0
+    for view, other in ((0, 1), (1, 0)):
+        bank = m.banks[other].features
+        noise = bank[torch.randint(len(bank), (64,), generator=m.generator)]
+        logits = torch.cat([(z[view] * bank[idx]).sum(1, keepdim=True), z[view] @ noise.T], 1) / 0.2
+        expected = expected + F.cross_entropy(logits, torch.zeros(32, dtype=torch.long))
+    torch.testing.assert_close(loss, expected)
+    before = [b.features.clone() for b in m.banks]
+    m.on_step_end()
+    for bank, old, new in zip(m.banks, before, z, strict=True):
+        torch.testing.assert_close(bank.features[idx], F.normalize(0.5 * old[idx] + 0.5 * new, dim=1))
+        untouched = torch.ones(len(old), dtype=torch.bool)
+        untouched[idx] = False
+        assert torch.equal(bank.features[untouched], old[untouched])

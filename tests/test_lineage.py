@@ -13,6 +13,7 @@ from lightly.loss import DINOLoss, NegativeCosineSimilarity, SwaVLoss
 from lightly.loss.swav_loss import sinkhorn as lightly_sinkhorn
 
 from methods.backbones import build_backbone
+from methods.base import Batch
 from methods.data import load_digits
 from methods.evaluation import knn_accuracy
 from methods.losses import (
@@ -92,6 +93,44 @@ def test_swav_loss_matches_lightly(num_local):
     assert got.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
+def test_swav_loss_with_queue_matches_lightly():
+    g = torch.Generator().manual_seed(6)
+    high = [torch.randn(16, 12, generator=g).tanh() for _ in range(2)]
+    low = [torch.randn(16, 12, generator=g).tanh() for _ in range(2)]
+    queue = [torch.randn(48, 12, generator=g).tanh() for _ in range(2)]
+    expected = SwaVLoss(temperature=0.1, sinkhorn_iterations=3, sinkhorn_epsilon=0.05)(
+        high, low, queue_outputs=queue)
+    got = swav_loss(high, low, temperature=0.1, iterations=3, epsilon=0.05, queue_scores=queue)
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert abs(got.item() - swav_loss(high, low, 0.1, 3, 0.05).item()) > 1e-4  # the queue counts
+
+
+def test_swav_freezes_prototypes_then_fills_and_uses_its_queue():
+    tr = load_digits("train")
+    torch.manual_seed(0)
+    m = build_method("swav", build_backbone("convnet", 1, 8), view_spec("digits"), num_prototypes=20,
+                     proj_hidden_dim=64, queue_length=96, freeze_prototypes_steps=3)
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    batches = [Batch(idx, tr.images[idx], tr.labels[idx])
+               for idx in torch.arange(6 * 32).view(6, 32)]
+    start = F.normalize(m.prototypes.weight.detach(), dim=1).clone()
+    used = []
+    for step, batch in enumerate(batches):
+        full_before = int(m.queued) >= 96
+        loss, _ = m(batch)
+        opt.zero_grad()
+        loss.backward()
+        assert (m.prototypes.weight.grad is None) == (step < 3)  # frozen: no gradient at all
+        opt.step()
+        m.on_step_end()
+        used.append(full_before)
+        if step == 2:
+            torch.testing.assert_close(F.normalize(m.prototypes.weight.detach(), dim=1), start)
+    assert not torch.allclose(F.normalize(m.prototypes.weight.detach(), dim=1), start, atol=1e-4)
+    assert used == [False, False, False, True, True, True]  # 96 rows = 3 batches of 32
+    assert int(m.queued) == 6 * 32 and m.queue.abs().sum(-1).gt(0).all()
+
+
 @pytest.mark.parametrize("num_local", [0, 4])
 def test_dino_loss_and_center_match_lightly(num_local):
     g = torch.Generator().manual_seed(6)
@@ -138,7 +177,8 @@ EPOCHS = {"byol": 4, "simsiam": 2, "moco_v3": 4, "swav": 2, "dino": 2, "cmc": 4}
     ("byol", {"momentum": 0.99, "proj_hidden_dim": 256, "proj_dim": 64, "pred_hidden_dim": 256}),
     ("simsiam", {"proj_hidden_dim": 256, "proj_dim": 256, "pred_hidden_dim": 64}),
     ("moco_v3", {"proj_hidden_dim": 256, "proj_dim": 64, "pred_hidden_dim": 256}),
-    ("swav", {"num_prototypes": 30, "proj_hidden_dim": 256, "num_local_crops": 2}),
+    ("swav", {"num_prototypes": 30, "proj_hidden_dim": 256, "num_local_crops": 2,
+              "freeze_prototypes_steps": 10}),
     ("dino", {"out_dim": 256, "hidden_dim": 256, "bottleneck_dim": 64, "num_local_crops": 2}),
     ("cmc", {"temperature": 0.2})])
 def test_no_collapse_and_beats_random_encoder(name, hparams):

@@ -19,7 +19,8 @@ METHODS = {
     "byol": "{name: byol, momentum: 0.99, proj_hidden_dim: 256, proj_dim: 64, pred_hidden_dim: 256}",
     "simsiam": "{name: simsiam, proj_hidden_dim: 256, proj_dim: 256, pred_hidden_dim: 64}",
     "moco_v3": "{name: moco_v3, proj_hidden_dim: 256, proj_dim: 64, pred_hidden_dim: 256}",
-    "swav": "{name: swav, num_prototypes: 30, proj_hidden_dim: 256, num_local_crops: 2}",
+    "swav": ("{name: swav, num_prototypes: 30, proj_hidden_dim: 256, num_local_crops: 2, "
+             "queue_length: 128, freeze_prototypes_steps: 5}"),
     "dino": "{name: dino, out_dim: 256, hidden_dim: 256, bottleneck_dim: 64, num_local_crops: 2}",
     "cmc": "{name: cmc, temperature: 0.2}",
     "cpc": "{name: cpc, prediction_steps: 2, image_size: 16}",

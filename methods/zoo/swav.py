@@ -2,8 +2,11 @@
 projection is scored against K learnable prototypes; Sinkhorn-Knopp turns the global crops'
 scores into equipartitioned codes (across every worker's batch), and each crop predicts the codes
 of the other crops (swapped prediction). Multi-crop adds ``num_local_crops`` small crops.
-Defaults as the paper: temperature 0.1, epsilon 0.05, 3 iterations, 3000 prototypes, 128-d.
-Not built: the optional feature queue and freezing the prototypes in the first epoch.
+Defaults as the paper: temperature 0.1, epsilon 0.05, 3 iterations, 3000 prototypes, 128-d;
+the prototypes are frozen for the first 313 steps (their first ImageNet epoch). With
+``queue_length`` each rank keeps that many past global-crop features per crop (the paper's
+small-batch setting) and they join Sinkhorn once the queue is full (the authors' code also waits
+for a full queue, from a start epoch on).
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ class SwAV(Method):
     def __init__(self, backbone: nn.Module, views: ViewSpec, temperature: float = 0.1,
                  num_prototypes: int = 3000, proj_hidden_dim: int = 2048, proj_dim: int = 128,
                  sinkhorn_iterations: int = 3, epsilon: float = 0.05, num_local_crops: int = 0,
-                 local_size_ratio: float = 96 / 224, gather_distributed: bool = True, seed: int = 0):
+                 local_size_ratio: float = 96 / 224, gather_distributed: bool = True,
+                 queue_length: int = 0, freeze_prototypes_steps: int = 313, seed: int = 0):
         super().__init__(backbone, views, seed)
         check_temperature(temperature, "method.temperature")
         check_temperature(epsilon, "method.epsilon")
@@ -34,19 +38,47 @@ class SwAV(Method):
         self.projection = projection_mlp(backbone.feature_dim, proj_hidden_dim, proj_dim,
                                          batch_norm=True)
         self.prototypes = nn.Linear(proj_dim, num_prototypes, bias=False)
+        if queue_length < 0 or freeze_prototypes_steps < 0:
+            raise ValueError("method.queue_length and method.freeze_prototypes_steps must be >= 0")
+        self.freeze_prototypes_steps = freeze_prototypes_steps
+        self.register_buffer("queue", torch.zeros(2, queue_length, proj_dim))  # newest first
+        self.register_buffer("queued", torch.zeros((), dtype=torch.long))
+        self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))
+        self._pending: torch.Tensor | None = None
 
-    def scores(self, x: torch.Tensor, crops: int) -> list[torch.Tensor]:
+    def prototype_weight(self) -> torch.Tensor:
+        """The prototypes, cut from the graph while frozen: no gradient, so SGD skips them."""
+        w = self.prototypes.weight
+        return w.detach() if int(self.steps_done) < self.freeze_prototypes_steps else w
+
+    def scores(self, x: torch.Tensor, crops: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Per crop the prototype scores ``[B, K]``, and the normalised projections ``[crops*B, D]``."""
         z = F.normalize(self.projection(self.backbone(x)), dim=1)
-        return list(self.prototypes(z).chunk(crops))
+        return list((z @ self.prototype_weight().T).chunk(crops)), z
 
     def training_step(self, batch: Batch, prototypes=None) -> tuple[torch.Tensor, dict[str, float]]:
         with torch.no_grad():  # prototypes stay on the unit sphere (sec. 4, implementation)
             self.prototypes.weight.copy_(F.normalize(self.prototypes.weight, dim=1))
-        global_scores = self.scores(torch.cat([self.view(batch.images) for _ in range(2)]), 2)
+        images = torch.cat([self.view(batch.images) for _ in range(2)])
+        global_scores, z = self.scores(images, 2)
         local_scores = []
         if self.num_local_crops:
             x = self.local_views(batch.images, self.num_local_crops, self.local_size_ratio)
-            local_scores = self.scores(x, self.num_local_crops)
+            local_scores = self.scores(x, self.num_local_crops)[0]
+        queue_scores = None
+        if self.queue.shape[1] and int(self.queued) >= self.queue.shape[1]:
+            queue_scores = [q @ self.prototypes.weight.detach().T for q in self.queue]
+        if self.queue.shape[1]:
+            self._pending = z.detach().view(2, len(batch.images), -1)
         loss = swav_loss(global_scores, local_scores, self.temperature, self.iterations,
-                         self.epsilon, gather=self.gather_distributed)
+                         self.epsilon, gather=self.gather_distributed, queue_scores=queue_scores)
         return loss, {}
+
+    def on_step_end(self) -> None:
+        self.steps_done += 1
+        if self._pending is not None:
+            b = min(self._pending.shape[1], self.queue.shape[1])
+            self.queue[:, b:] = self.queue[:, :-b].clone()
+            self.queue[:, :b] = self._pending[:, :b]
+            self.queued += b
+            self._pending = None
