@@ -63,8 +63,8 @@ ROWS: dict[str, tuple[str, dict]] = {
 
 
 def run_method(row: str, train, test, epochs: int, batch_size: int, lr: float,
-               num_clusters: list[int], seed: int, crop_min_scale: float | None = None
-               ) -> dict[str, float]:
+               num_clusters: list[int], seed: int, crop_min_scale: float | None = None,
+               precision: str = "fp32") -> dict[str, float]:
     torch.manual_seed(seed)
     name, hparams = ROWS[row][0], dict(ROWS[row][1])
     lr = hparams.pop("lr", lr)  # a row's own learning rate where the shared one diverges
@@ -75,7 +75,7 @@ def run_method(row: str, train, test, epochs: int, batch_size: int, lr: float,
     method = build_method(name, build_backbone("convnet", 1, 28), views,
                           seed=seed, **hparams)
     start = time.perf_counter()
-    history = fit(method, train, epochs, batch_size, OptimConfig(lr=lr), num_clusters,
+    history = fit(method, train, epochs, batch_size, OptimConfig(lr=lr, precision=precision), num_clusters,
                   kmeans_temperature=hparams.get("temperature", 0.2), seed=seed,
                   on_epoch_end=lambda e, m: print(f"  {row} epoch {e}: loss {m['loss']:.3f} "
                                                   f"({m['epoch_s']:.0f}s)", flush=True))
@@ -103,6 +103,8 @@ def main() -> None:
     p.add_argument("--num-clusters", type=int, nargs="+", default=[50, 100, 200])
     p.add_argument("--crop-min-scale", type=float, default=None,
                    help="smallest crop area of the 'small' views (default theirs, 0.3)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="bf16: forward under bfloat16 autocast")
     p.add_argument("--limit", type=int, default=None, help="train on the first N images only")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
@@ -111,7 +113,7 @@ def main() -> None:
     if args.limit:
         train = train.subset(torch.arange(args.limit))
     print(f"Fashion-MNIST: {len(train)} train / {len(test)} test, {torch.get_num_threads()} threads, "
-          f"batch {args.batch_size}, {args.epochs} epochs per method")
+          f"batch {args.batch_size}, {args.epochs} epochs per method, {args.precision}")
 
     rows: dict[str, dict[str, float]] = {}
     flat = lambda x: x.images.reshape(len(x), -1).float().div(255).numpy()  # noqa: E731
@@ -119,7 +121,8 @@ def main() -> None:
                                   args.seed)
     for name in args.methods:
         rows[name] = run_method(name, train, test, args.epochs, args.batch_size, args.lr,
-                                args.num_clusters, args.seed, args.crop_min_scale)
+                                args.num_clusters, args.seed, args.crop_min_scale,
+                                args.precision)
         r = rows[name]  # each row as it finishes, so an interrupted run keeps what it measured
         print(f"  {name} done: kNN {r['knn']:.4f} linear {r['linear']:.4f} AMI {r['ami']:.4f} "
               f"({r['epoch_s']:.0f} s/epoch)", flush=True)

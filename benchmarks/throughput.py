@@ -95,7 +95,12 @@ def time_window(pipe: Pipeline, kind: str, steps: int) -> None:
 # protoray: uint8 batch indexed from the in-memory tensor, views made inside training_step
 
 
-def protoray_pipeline(dataset: ImageDataset, spec: ViewSpec, batch_size: int) -> Pipeline:
+def _autocast(precision: str):
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def protoray_pipeline(dataset: ImageDataset, spec: ViewSpec, batch_size: int,
+                      precision: str = "fp32") -> Pipeline:
     gen = torch.Generator().manual_seed(0)
     n = len(dataset)
 
@@ -114,14 +119,15 @@ def protoray_pipeline(dataset: ImageDataset, spec: ViewSpec, batch_size: int) ->
     def train_step() -> float:
         idx = next_indices()
         batch = Batch(idx, dataset.images[idx], dataset.labels[idx])
-        loss, _ = method.training_step(batch)
+        with _autocast(precision):  # as methods.training.train_epoch does
+            loss, _ = method.training_step(batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         method.on_step_end()
         return loss.item()
 
-    return Pipeline("protoray (batched views in training_step)", view_step, train_step)
+    return Pipeline(f"protoray {precision} (batched views in training_step)", view_step, train_step)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,7 +179,8 @@ def _forever(loader: torch.utils.data.DataLoader) -> Iterator:
         yield from loader
 
 
-def lightly_pipeline(dataset: ImageDataset, spec: ViewSpec, batch_size: int, workers: int) -> Pipeline:
+def lightly_pipeline(dataset: ImageDataset, spec: ViewSpec, batch_size: int, workers: int,
+                     precision: str = "fp32") -> Pipeline:
     from lightly.loss import NTXentLoss
     from lightly.models.modules import SimCLRProjectionHead
 
@@ -200,14 +207,16 @@ def lightly_pipeline(dataset: ImageDataset, spec: ViewSpec, batch_size: int, wor
 
     def train_step() -> float:
         (x0, x1), _ = next(batches)
-        z0, z1 = model(torch.cat([x0, x1])).chunk(2)
-        loss = criterion(z0, z1)
+        with _autocast(precision):
+            z0, z1 = model(torch.cat([x0, x1])).chunk(2)
+            loss = criterion(z0, z1)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         return loss.item()
 
-    return Pipeline(f"lightly (PIL SimCLRTransform, num_workers={workers})", view_step, train_step,
+    return Pipeline(f"lightly {precision} (PIL SimCLRTransform, num_workers={workers})", view_step,
+                    train_step,
                     warmup=max(WARMUP, prefetched + 1), close=batches.close)
 
 
@@ -221,6 +230,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--batch-size", type=int, default=256, help="images per step (2 views each)")
     parser.add_argument("--lightly-workers", type=int, nargs="+", default=[0, 2],
                         help="DataLoader num_workers values to try for lightly; the fastest is its baseline")
+    parser.add_argument("--precisions", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"],
+                        help="forward precisions to time; bf16 = bfloat16 autocast, for both tools")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (both pipelines)")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.repeats < 1 or args.batch_size < 2 or min(args.lightly_workers) < 0:
@@ -237,52 +248,68 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
           f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
           f"load average {os.getloadavg()[0]:.2f} at start")
 
-    pipes = [protoray_pipeline(dataset, spec, b)]
-    pipes += [lightly_pipeline(dataset, spec, b, w) for w in args.lightly_workers]
+    # (tool, precision, loader workers) -> pipeline; views-only is timed at fp32 only (no network)
+    keys = [("protoray", "fp32", 0), ("protoray", "bf16", 0)]
+    keys += [("lightly", prec, w) for prec in args.precisions for w in args.lightly_workers]
+    keys = [k for k in keys if k[1] in args.precisions]
+    pipes = {k: (protoray_pipeline(dataset, spec, b, k[1]) if k[0] == "protoray"
+                 else lightly_pipeline(dataset, spec, b, k[2], k[1])) for k in keys}
     try:
         for rep in range(r):
-            order = pipes[rep % len(pipes):] + pipes[:rep % len(pipes)]
+            order = keys[rep % len(keys):] + keys[:rep % len(keys)]
             for kind in ("views", "train"):
-                for pipe in order:
-                    time_window(pipe, kind, s)
+                for key in order:
+                    if kind == "views" and key[1] != "fp32":
+                        continue
+                    time_window(pipes[key], kind, s)
     finally:
-        for pipe in pipes:
+        for pipe in pipes.values():
             pipe.close()  # drops a loader, so its worker processes exit
 
-    rates = [(p.name, 2 * b * statistics.median(p.steps_per_s["views"]),
-              b * statistics.median(p.steps_per_s["train"]), p.first_loss) for p in pipes]
-    width = max(len(name) for name, *_ in rates)
+    def median(key, kind: str) -> float:
+        rates = pipes[key].steps_per_s[kind]
+        return (2 * b if kind == "views" else b) * statistics.median(rates) if rates else float("nan")
+
+    width = max(len(p.name) for p in pipes.values())
     print(f"\n{'pipeline':<{width}}  {'views/s':>10}  {'train img/s':>12}  {'train min..max':>15}  "
           f"{'first loss':>10}")
-    for pipe, (name, views, train, loss) in zip(pipes, rates, strict=True):
+    for key, pipe in pipes.items():
         spread = sorted(b * rate for rate in pipe.steps_per_s["train"])
-        print(f"{name:<{width}}  {views:>10.0f}  {train:>12.1f}  {spread[0]:>7.0f}..{spread[-1]:<6.0f}  "
-              f"{loss:>10.3f}")
-    print("(medians over repeats; views/s = augmentation only, 2 views per image; "
+        print(f"{pipe.name:<{width}}  {median(key, 'views'):>10.0f}  {median(key, 'train'):>12.1f}  "
+              f"{spread[0]:>7.0f}..{spread[-1]:<6.0f}  {pipe.first_loss:>10.3f}")
+    print("(medians over repeats; views/s = augmentation only, 2 views per image, timed at fp32; "
           "train img/s = images per second of the whole step)")
     print(f"load average {os.getloadavg()[0]:.2f} at end")
 
-    _, p_views, p_train, _ = rates[0]
-    lightly = list(zip(args.lightly_workers, rates[1:], strict=True))
-    train_workers, (_, _, l_train, _) = max(lightly, key=lambda item: item[1][2])
-    view_workers, (_, l_views, _, _) = max(lightly, key=lambda item: item[1][1])
-    ratio = p_train / l_train
-    print(f"\nlightly baseline: num_workers={train_workers} for training, {view_workers} for views-only "
-          "(its faster setting for each)")
-    print(f"training step ratio protoray/lightly: {ratio:.2f}x")
-    print(f"views-only ratio protoray/lightly:    {p_views / l_views:.2f}x")
-    headline = {
-        "ratio_vs_lightly": round(ratio, 3),
-        "protoray_img_per_s": round(p_train, 1),
-        "lightly_img_per_s": round(l_train, 1),
+    def best_lightly(precision: str, kind: str) -> tuple[int, float]:
+        """lightly's faster loader setting at this precision: (workers, rate)."""
+        return max(((w, median(("lightly", precision, w), kind)) for w in args.lightly_workers),
+                   key=lambda item: item[1])
+
+    view_workers, l_views = best_lightly("fp32", "views")
+    p_views = median(("protoray", "fp32", 0), "views")
+    headline: dict[str, float] = {}
+    print(f"\nviews-only ratio protoray/lightly: {p_views / l_views:.2f}x "
+          f"(lightly num_workers={view_workers})")
+    for ours, theirs in (("fp32", "fp32"), ("bf16", "bf16"), ("bf16", "fp32")):
+        if ours not in args.precisions or theirs not in args.precisions:
+            continue
+        workers, l_train = best_lightly(theirs, "train")
+        p_train = median(("protoray", ours, 0), "train")
+        ratio = p_train / l_train
+        print(f"training step ratio protoray {ours} / lightly {theirs} (num_workers={workers}): "
+              f"{ratio:.2f}x")
+        suffix = "" if ours == theirs == "fp32" else f"_{ours}_vs_{theirs}"
+        headline[f"ratio_vs_lightly{suffix}"] = round(ratio, 3)
+        headline[f"protoray_{ours}_img_per_s"] = round(p_train, 1)
+        headline[f"lightly_{theirs}_img_per_s"] = round(l_train, 1)
+    headline.update({
         "protoray_views_per_s": round(p_views, 1),
         "lightly_views_per_s": round(l_views, 1),
         "views_ratio_vs_lightly": round(p_views / l_views, 3),
-        "lightly_train_workers": train_workers,
-        "lightly_view_workers": view_workers,
         "batch_size": b,
         "threads": torch.get_num_threads(),
-    }
+    })
     print(json.dumps(headline))
     return headline
 

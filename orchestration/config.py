@@ -123,6 +123,8 @@ class OptimConfig(Section):
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(5e-4, ge=0)
     warmup_epochs: int = Field(0, ge=0, description="linear learning-rate warm-up")
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="bf16: forward under bfloat16 autocast (CPUs with AMX, CUDA)")
 
 
 class ClusteringConfig(Section):

@@ -69,7 +69,8 @@ def train_loop(config: dict) -> None:
     steps = len(epoch_batches(len(train), per_rank_batch, 0, cfg.seed, rank, world))
     o = cfg.optim
     optimizer, scheduler = make_optimizer(
-        method, OptimConfig(o.lr, o.momentum, o.weight_decay, o.warmup_epochs), steps, o.epochs)
+        method, OptimConfig(o.lr, o.momentum, o.weight_decay, o.warmup_epochs, o.precision), steps,
+        o.epochs)
 
     # --- resume from the latest checkpoint after a failure (all ranks restart together)
     start_epoch, prototypes = 0, None
@@ -109,7 +110,7 @@ def train_loop(config: dict) -> None:
         try:
             metrics.update(train_epoch(method, train, batches, optimizer, scheduler, epoch,
                                        active.on_device(device) if active else None, device, model,
-                                       total_epochs=cfg.optim.epochs))
+                                       total_epochs=cfg.optim.epochs, precision=o.precision))
         except NonFiniteLossError as exc:  # every rank raises at the same step (all_ranks)
             ray.train.report({"epoch": epoch, "stopped": str(exc)})
             return

@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 INVALID = [
     # (overrides, a fragment the message must contain)
     (["method.temperature=0"], "temperature"),
+    (["optim.precision=fp16"], "precision"),
     (["method.temperature=-0.1"], "temperature"),
     (["method.temperature=abc"], "temperature"),
     (["method.momentum=1.0"], "momentum"),

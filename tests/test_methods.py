@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import faiss
 import pytest
 import torch
@@ -178,3 +180,17 @@ def test_encode_is_eval_mode_and_restores(digits):
     alone = encode(m.cluster_embed, te.images[:1], m)
     torch.testing.assert_close(torch.from_numpy(alone[0]), torch.from_numpy(feats[0]), atol=1e-5, rtol=0)
     assert F.normalize(torch.from_numpy(encode(m.embed, te.images[:4], m)), dim=1).shape == (4, 256)
+
+
+def test_bf16_autocast_trains_with_float32_weights(digits):
+    tr, te = digits
+    torch.manual_seed(0)
+    m = build_method("simclr", build_backbone("convnet", 1, 8), view_spec("digits"))
+    seen = []
+    m.backbone.register_forward_hook(lambda mod, inp, out: seen.append(out.dtype))
+    history = fit(m, tr, epochs=1, batch_size=64, optim=OptimConfig(precision="bf16"))
+    assert torch.bfloat16 in seen  # the forward really ran in bfloat16
+    assert all(p.dtype == torch.float32 for p in m.parameters())
+    assert math.isfinite(history[0]["loss"])
+    with pytest.raises(ValueError, match="optim.precision"):
+        fit(m, tr, epochs=1, batch_size=64, optim=OptimConfig(precision="fp16"))
