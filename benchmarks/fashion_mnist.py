@@ -64,7 +64,7 @@ ROWS: dict[str, tuple[str, dict]] = {
 
 def run_method(row: str, train, test, epochs: int, batch_size: int, lr: float,
                num_clusters: list[int], seed: int, crop_min_scale: float | None = None,
-               precision: str = "fp32") -> dict[str, float]:
+               precision: str = "fp32", backbone: str = "convnet") -> dict[str, float]:
     torch.manual_seed(seed)
     name, hparams = ROWS[row][0], dict(ROWS[row][1])
     lr = hparams.pop("lr", lr)  # a row's own learning rate where the shared one diverges
@@ -72,7 +72,7 @@ def run_method(row: str, train, test, epochs: int, batch_size: int, lr: float,
         hparams["warmup_epochs"] = max(1, epochs // 10)  # the paper's 20 of 200
     overrides = {} if crop_min_scale is None else {"crop_scale": (crop_min_scale, 1.0)}
     views = view_spec("small", size=28, **overrides)
-    method = build_method(name, build_backbone("convnet", 1, 28), views,
+    method = build_method(name, build_backbone(backbone, 1, 28), views,
                           seed=seed, **hparams)
     start = time.perf_counter()
     history = fit(method, train, epochs, batch_size, OptimConfig(lr=lr, precision=precision), num_clusters,
@@ -105,6 +105,7 @@ def main() -> None:
                    help="smallest crop area of the 'small' views (default theirs, 0.3)")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                    help="bf16: forward under bfloat16 autocast")
+    p.add_argument("--backbone", default="convnet", choices=["convnet", "convnet_wide"])
     p.add_argument("--limit", type=int, default=None, help="train on the first N images only")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
@@ -113,7 +114,7 @@ def main() -> None:
     if args.limit:
         train = train.subset(torch.arange(args.limit))
     print(f"Fashion-MNIST: {len(train)} train / {len(test)} test, {torch.get_num_threads()} threads, "
-          f"batch {args.batch_size}, {args.epochs} epochs per method, {args.precision}")
+          f"batch {args.batch_size}, {args.epochs} epochs per method, {args.precision}, {args.backbone}")
 
     rows: dict[str, dict[str, float]] = {}
     flat = lambda x: x.images.reshape(len(x), -1).float().div(255).numpy()  # noqa: E731
@@ -122,7 +123,7 @@ def main() -> None:
     for name in args.methods:
         rows[name] = run_method(name, train, test, args.epochs, args.batch_size, args.lr,
                                 args.num_clusters, args.seed, args.crop_min_scale,
-                                args.precision)
+                                args.precision, args.backbone)
         r = rows[name]  # each row as it finishes, so an interrupted run keeps what it measured
         print(f"  {name} done: kNN {r['knn']:.4f} linear {r['linear']:.4f} AMI {r['ami']:.4f} "
               f"({r['epoch_s']:.0f} s/epoch)", flush=True)

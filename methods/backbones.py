@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torchvision
 
-BACKBONES = ("convnet", "resnet18", "resnet50", "vit_tiny")
+BACKBONES = ("convnet", "convnet_wide", "resnet18", "resnet50", "vit_tiny")
 
 
 def _conv_block(cin: int, cout: int, pool: bool) -> nn.Sequential:
@@ -90,6 +90,8 @@ def build_backbone(name: str, in_channels: int, image_size: int) -> nn.Module:
     64 px."""
     if name == "convnet":
         return ConvNet(in_channels)
+    if name == "convnet_wide":  # twice the channels (64..512), about 4x the FLOPs
+        return ConvNet(in_channels, widths=(64, 128, 256, 512))
     if name in ("resnet18", "resnet50"):
         return _resnet(name, in_channels, small_images=image_size < 64)
     if name == "vit_tiny":

@@ -52,7 +52,7 @@ class DataConfig(Section):
 
 
 class ModelConfig(Section):
-    backbone: Literal["convnet", "resnet18", "resnet50", "vit_tiny"] = "convnet"
+    backbone: Literal["convnet", "convnet_wide", "resnet18", "resnet50", "vit_tiny"] = "convnet"
 
 
 CHOICES = {"contrast_mode": ("all", "one"), "sub_network": ("fc", "same")}

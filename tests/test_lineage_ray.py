@@ -25,7 +25,8 @@ METHODS = {
     "cmc": "{name: cmc, temperature: 0.2}",
     "cpc": "{name: cpc, prediction_steps: 2, image_size: 16}",
 }
-EPOCHS = {"byol": 4, "cmc": 4}  # the slow starters on digits (see test_lineage); others 2
+# the slow starters on digits (see test_lineage); others 2. MoCo v3 after 2 epochs: 0.800 -> 0.785
+EPOCHS = {"byol": 4, "cmc": 4, "moco_v3": 4}
 
 
 @pytest.mark.parametrize("name", list(METHODS))

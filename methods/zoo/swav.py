@@ -47,9 +47,11 @@ class SwAV(Method):
         self._pending: torch.Tensor | None = None
 
     def prototype_weight(self) -> torch.Tensor:
-        """The prototypes, cut from the graph while frozen: no gradient, so SGD skips them."""
+        """The prototypes, with a zero gradient while frozen. Zero rather than none: DDP expects
+        a gradient for every parameter. Weight decay still scales them, which the per-step
+        renormalisation undoes, so their directions stay put."""
         w = self.prototypes.weight
-        return w.detach() if int(self.steps_done) < self.freeze_prototypes_steps else w
+        return w.detach() + 0 * w if int(self.steps_done) < self.freeze_prototypes_steps else w
 
     def scores(self, x: torch.Tensor, crops: int) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Per crop the prototype scores ``[B, K]``, and the normalised projections ``[crops*B, D]``."""
