@@ -405,7 +405,7 @@ def nce_loss(positive: torch.Tensor, negatives: torch.Tensor, log_z: torch.Tenso
              num_samples: int) -> torch.Tensor:
     """Noise-contrastive estimation of the non-parametric softmax (Wu et al. 2018, eq. 3-6).
 
-    P(i|v) = exp(v_i . f / t) / Z (eq. 2 with Z held fixed, eq. 5); with m noise samples from
+    P(i|v) = exp(v_i . f / t) / Z (eq. 2, Z estimated as in eq. 5); with m noise samples from
     P_n = 1/n, h(i, v) = P(i|v) / (P(i|v) + m P_n), and
     J_NCE = -E[log h(i, v)] - m E_{P_n}[log(1 - h(i, v'))], the second term summed over the m
     noise samples of each anchor.

@@ -39,6 +39,8 @@ class CMC(Method):
         self.heads = nn.ModuleList([nn.Linear(backbone.feature_dim, proj_dim) for _ in range(2)])
         if num_negatives < 1:
             raise ValueError(f"method.num_negatives must be >= 1, got {num_negatives}")
+        if not 0 <= bank_momentum < 1:
+            raise ValueError(f"method.bank_momentum must be in [0, 1), got {bank_momentum}")
         self.num_negatives, self.bank_momentum = num_negatives, bank_momentum
         self.banks = nn.ModuleList([MemoryBank(proj_dim) for _ in range(2)]) if memory_bank else None
         self._pending: tuple[torch.Tensor, list[torch.Tensor]] | None = None

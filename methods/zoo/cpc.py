@@ -133,23 +133,25 @@ class CPC(Method):
         side = self.image_size or self.views.size or images.shape[-1]
         if side != images.shape[-1]:
             images = resize(images.float(), side).round().clamp(0, 255).to(torch.uint8)
-        patch, stride, grid = self.geometry(side)
-        patches = patch_grid(images, patch, stride)
-        b = len(images)
-        x = augment(patches.reshape(b * grid * grid, *patches.shape[3:]),
-                    replace(self.views, size=patch), self.generator)
-        return self.backbone(x).view(b, grid, grid, -1)
+        patch, stride, _ = self.geometry(side)
+        return self.grid_codes(patch_grid(images, patch, stride), augment_each=True)
 
     def encode_patches(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, C, S, S]`` float images -> ``[B, G, G, D]`` patch encodings z (at
         ``image_size`` when set)."""
         if self.image_size and self.image_size != x.shape[-1]:
             x = resize(x, self.image_size)
-        patch, stride, grid = self.geometry(x.shape[-1])
-        patches = patch_grid(x, patch, stride)
-        b = len(x)
-        z = self.backbone(patches.reshape(b * grid * grid, *patches.shape[3:]))
-        return z.view(b, grid, grid, -1)
+        patch, stride, _ = self.geometry(x.shape[-1])
+        return self.grid_codes(patch_grid(x, patch, stride), augment_each=False)
+
+    def grid_codes(self, patches: torch.Tensor, augment_each: bool) -> torch.Tensor:
+        """Backbone codes ``[B, G, G, D]`` of a ``[B, G, G, C, p, p]`` patch grid (uint8 patches
+        when ``augment_each``, which gives every patch its own random view)."""
+        b, g = patches.shape[:2]
+        x = patches.reshape(b * g * g, *patches.shape[3:])
+        if augment_each:
+            x = augment(x, replace(self.views, size=x.shape[-1]), self.generator)
+        return self.backbone(x).view(b, g, g, -1)
 
     def training_step(self, batch: Batch, prototypes=None) -> tuple[torch.Tensor, dict[str, float]]:
         z = self.augmented_patch_codes(batch.images)  # [B, G, G, D]

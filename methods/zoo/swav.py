@@ -68,10 +68,10 @@ class SwAV(Method):
             x = self.local_views(batch.images, self.num_local_crops, self.local_size_ratio)
             local_scores = self.scores(x, self.num_local_crops)[0]
         queue_scores = None
-        if self.queue.shape[1] and int(self.queued) >= self.queue.shape[1]:
-            queue_scores = [q @ self.prototypes.weight.detach().T for q in self.queue]
         if self.queue.shape[1]:
-            self._pending = z.detach().view(2, len(batch.images), -1)
+            if int(self.queued) >= self.queue.shape[1]:
+                queue_scores = [q @ self.prototypes.weight.detach().T for q in self.queue]
+            self._pending = z.detach().view(2, len(batch.images), -1)  # enqueued after the step
         loss = swav_loss(global_scores, local_scores, self.temperature, self.iterations,
                          self.epsilon, gather=self.gather_distributed, queue_scores=queue_scores)
         return loss, {}
