@@ -122,15 +122,25 @@ def test_instdisc_learns_on_digits():
 
 @pytest.mark.slow
 def test_two_workers_shard_checkpoint_and_resume_the_bank(ray_cluster, tiny_config, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from orchestration.experiment import make_method
     from orchestration.run import train
+    from orchestration.worker import _online_knn
 
     cfg = tiny_config("method={name: instdisc, temperature: 0.1, num_negatives: 512}",
-                      f"optim.lr={DIGITS_LR}", "optim.epochs=3")
+                      f"optim.lr={DIGITS_LR}", "optim.epochs=4")
+    splits = load_splits(cfg)
+    random_knn = _online_knn(make_method(cfg, 1, 8), splits.train, splits.holdout, "cpu")
     summary = train(cfg, evaluate=False,
                     faults={"kill_worker_epoch": 0, "kill_rank": 1, "marker_dir": str(tmp_path)})
     assert (tmp_path / "worker_killed").exists()
+    knn = sorted((m.step, m.value) for m in
+                 MlflowClient(summary.tracking_uri).get_metric_history(summary.run_id, "knn_holdout"))
+    assert [step for step, _ in knn] == [0, 1, 2, 3]
+    assert knn[-1][1] > random_knn + 0.02, f"kNN {random_knn:.3f} at init -> {knn[-1][1]:.3f}"
     directory = Path(summary.checkpoint)
-    n = len(load_splits(cfg).train)
+    n = len(splits.train)
     shards = [load_rank_state(directory, r, 2)["bank"] for r in range(2)]
     assert [len(s) for s in shards] == [len(range(r, n, 2)) for r in range(2)]
     for r, shard in enumerate(shards):  # trained rows, not the random initial ones
@@ -139,7 +149,7 @@ def test_two_workers_shard_checkpoint_and_resume_the_bank(ray_cluster, tiny_conf
         assert (shard * init.features).sum(1).mean() < 0.5
         assert torch.allclose(shard.norm(dim=1), torch.ones(len(shard)), atol=1e-5)
     state = torch.load(directory / "state.pt", weights_only=True)
-    assert state["epoch"] == 2 and "bank.features" not in state["model"]  # banks are per rank
+    assert state["epoch"] == 3 and "bank.features" not in state["model"]  # banks are per rank
 
 
 def test_cmc_memory_bank_scores_the_other_views_bank_and_updates_both():
