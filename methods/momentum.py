@@ -21,6 +21,12 @@ def ema_update(target: nn.Module, online: nn.Module, momentum: float) -> None:
     torch._foreach_add_(t_params, o_params, alpha=1 - momentum)
 
 
+def check_momentum(value: float, field: str = "method.momentum") -> None:
+    """An EMA or memory-bank momentum must lie in [0, 1): at 1 nothing would ever update."""
+    if not 0 <= value < 1:
+        raise ValueError(f"{field} must be in [0, 1), got {value}")
+
+
 def cosine_momentum(base: float, progress: float) -> float:
     """tau = 1 - (1 - tau_base)(cos(pi k / K) + 1) / 2 with k / K = ``progress``: BYOL's target
     momentum schedule (Grill et al. 2020, sec. 3.2), also MoCo v3's and DINO's."""

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from methods.base import Batch, Method
 from methods.heads import projection_mlp
 from methods.losses import negative_cosine
-from methods.momentum import cosine_momentum, ema_update, momentum_copy
+from methods.momentum import check_momentum, cosine_momentum, ema_update, momentum_copy
 from methods.registry import register
 from methods.views import ViewSpec
 
@@ -31,8 +31,7 @@ class BYOL(Method):
                  proj_hidden_dim: int = 4096, proj_dim: int = 256, pred_hidden_dim: int = 4096,
                  seed: int = 0):
         super().__init__(backbone, views, seed)
-        if not 0 <= momentum < 1:
-            raise ValueError(f"method.momentum must be in [0, 1), got {momentum}")
+        check_momentum(momentum)
         self.base_momentum = momentum
         self.projection = projection_mlp(backbone.feature_dim, proj_hidden_dim, proj_dim,
                                          batch_norm=True)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from methods.backbones import fresh_copy, with_in_channels
 from methods.base import Batch, Method
 from methods.losses import check_temperature, cross_view_info_nce, info_nce
-from methods.momentum import MemoryBank
+from methods.momentum import MemoryBank, check_momentum
 from methods.registry import register
 from methods.views import ViewSpec, split_views
 
@@ -39,8 +39,7 @@ class CMC(Method):
         self.heads = nn.ModuleList([nn.Linear(backbone.feature_dim, proj_dim) for _ in range(2)])
         if num_negatives < 1:
             raise ValueError(f"method.num_negatives must be >= 1, got {num_negatives}")
-        if not 0 <= bank_momentum < 1:
-            raise ValueError(f"method.bank_momentum must be in [0, 1), got {bank_momentum}")
+        check_momentum(bank_momentum, "method.bank_momentum")
         self.num_negatives, self.bank_momentum = num_negatives, bank_momentum
         self.banks = nn.ModuleList([MemoryBank(proj_dim) for _ in range(2)]) if memory_bank else None
         self._pending: tuple[torch.Tensor, list[torch.Tensor]] | None = None

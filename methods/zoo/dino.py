@@ -15,7 +15,7 @@ import torch.nn as nn
 from methods.base import Batch, Method
 from methods.heads import DINOHead
 from methods.losses import check_temperature, dino_loss, update_center
-from methods.momentum import cosine_momentum, ema_update, momentum_copy
+from methods.momentum import check_momentum, cosine_momentum, ema_update, momentum_copy
 from methods.registry import register
 from methods.views import ViewSpec
 
@@ -33,8 +33,7 @@ class DINO(Method):
                         ("teacher_temperature", teacher_temperature),
                         ("warmup_teacher_temperature", warmup_teacher_temperature)):
             check_temperature(t, f"method.{name}")
-        if not 0 <= momentum < 1:
-            raise ValueError(f"method.momentum must be in [0, 1), got {momentum}")
+        check_momentum(momentum)
         self.student_temperature = student_temperature
         self.teacher_temperatures = (warmup_teacher_temperature, teacher_temperature)
         self.teacher_warmup_fraction = teacher_warmup_fraction

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from methods.base import Batch, Method
 from methods.losses import check_temperature, nce_loss
-from methods.momentum import MemoryBank
+from methods.momentum import MemoryBank, check_momentum
 from methods.registry import register
 from methods.views import ViewSpec
 
@@ -36,8 +36,7 @@ class InstDisc(Method):
         check_temperature(temperature, "method.temperature")
         if num_negatives < 1:
             raise ValueError(f"method.num_negatives must be >= 1, got {num_negatives}")
-        if not 0 <= bank_momentum < 1:
-            raise ValueError(f"method.bank_momentum must be in [0, 1), got {bank_momentum}")
+        check_momentum(bank_momentum, "method.bank_momentum")
         self.temperature, self.num_negatives, self.bank_momentum = (temperature, num_negatives,
                                                                     bank_momentum)
         self.head = nn.Linear(backbone.feature_dim, proj_dim)

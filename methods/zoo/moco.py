@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from methods.base import Batch, Method
 from methods.heads import projection_mlp
 from methods.losses import check_temperature, gather_no_grad, info_nce
-from methods.momentum import FeatureQueue, ema_update, momentum_copy
+from methods.momentum import FeatureQueue, check_momentum, ema_update, momentum_copy
 from methods.registry import register
 from methods.views import ViewSpec
 
@@ -26,8 +26,7 @@ class MoCo(Method):
                  proj_dim: int = 128, proj_layers: int = 2, seed: int = 0):
         super().__init__(backbone, views, seed)
         check_temperature(temperature, "method.temperature")
-        if not 0 <= momentum < 1:
-            raise ValueError(f"method.momentum must be in [0, 1), got {momentum}")
+        check_momentum(momentum)
         self.temperature = temperature
         self.momentum = momentum
         self.projection = projection_mlp(backbone.feature_dim, proj_hidden_dim, proj_dim,

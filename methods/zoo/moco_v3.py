@@ -14,7 +14,7 @@ import torch.nn as nn
 from methods.base import Batch, Method
 from methods.heads import projection_mlp
 from methods.losses import check_temperature, info_nce_in_batch
-from methods.momentum import cosine_momentum, ema_update, momentum_copy
+from methods.momentum import check_momentum, cosine_momentum, ema_update, momentum_copy
 from methods.registry import register
 from methods.views import ViewSpec
 
@@ -26,8 +26,7 @@ class MoCoV3(Method):
                  pred_hidden_dim: int = 4096, seed: int = 0):
         super().__init__(backbone, views, seed)
         check_temperature(temperature, "method.temperature")
-        if not 0 <= momentum < 1:
-            raise ValueError(f"method.momentum must be in [0, 1), got {momentum}")
+        check_momentum(momentum)
         self.temperature, self.base_momentum = temperature, momentum
         self.projection = projection_mlp(backbone.feature_dim, proj_hidden_dim, proj_dim,
                                          num_layers=3, batch_norm=True)
