@@ -23,8 +23,8 @@ import time
 import numpy as np
 import torch
 
-from methods.backbones import build_backbone
-from methods.data import load_fashion_mnist
+from methods.backbones import BACKBONES, build_backbone
+from methods.data import FASHION_MNIST_ROOT, load_fashion_mnist
 from methods.evaluation import evaluate, linear_probe_exits
 from methods.registry import build_method
 from methods.training import OptimConfig, encode, fit
@@ -64,7 +64,8 @@ ROWS: dict[str, tuple[str, dict]] = {
 
 def run_method(row: str, train, test, epochs: int, batch_size: int, lr: float,
                num_clusters: list[int], seed: int, crop_min_scale: float | None = None,
-               precision: str = "fp32", backbone: str = "convnet") -> dict[str, float]:
+               precision: str = "fp32", backbone: str = "convnet", nredo: int = 5,
+               device: str = "cpu") -> dict[str, float]:
     torch.manual_seed(seed)
     name, hparams = ROWS[row][0], dict(ROWS[row][1])
     lr = hparams.pop("lr", lr)  # a row's own learning rate where the shared one diverges
@@ -76,16 +77,16 @@ def run_method(row: str, train, test, epochs: int, batch_size: int, lr: float,
                           seed=seed, **hparams)
     start = time.perf_counter()
     history = fit(method, train, epochs, batch_size, OptimConfig(lr=lr, precision=precision), num_clusters,
-                  kmeans_temperature=hparams.get("temperature", 0.2), seed=seed,
-                  on_epoch_end=lambda e, m: print(f"  {row} epoch {e}: loss {m['loss']:.3f} "
+                  kmeans_temperature=hparams.get("temperature", 0.2), seed=seed, nredo=nredo,
+                  device=device, on_epoch_end=lambda e, m: print(f"  {row} epoch {e}: loss {m['loss']:.3f} "
                                                   f"({m['epoch_s']:.0f}s)", flush=True))
     train_s = time.perf_counter() - start
-    train_x = encode(method.embed, train.images, method)
-    test_x = encode(method.embed, test.images, method)
+    train_x = encode(method.embed, train.images, method, device=device)
+    test_x = encode(method.embed, test.images, method, device=device)
     scores = evaluate(train_x, train.labels.numpy(), test_x, test.labels.numpy(), seed)
     if hasattr(method, "exit_embeds"):  # SelfCon: linear probe on each exit and the ensemble
-        exits = {e: (encode(lambda x, e=e: method.exit_embeds(x)[e], train.images, method),
-                     encode(lambda x, e=e: method.exit_embeds(x)[e], test.images, method))
+        exits = {e: (encode(lambda x, e=e: method.exit_embeds(x)[e], train.images, method, device=device),
+                     encode(lambda x, e=e: method.exit_embeds(x)[e], test.images, method, device=device))
                  for e in ("backbone", "sub")}
         per_exit = linear_probe_exits({e: v[0] for e, v in exits.items()}, train.labels.numpy(),
                                       {e: v[1] for e, v in exits.items()}, test.labels.numpy(), seed=seed)
@@ -105,16 +106,21 @@ def main() -> None:
                    help="smallest crop area of the 'small' views (default theirs, 0.3)")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                    help="bf16: forward under bfloat16 autocast")
-    p.add_argument("--backbone", default="convnet", choices=["convnet", "convnet_wide"])
+    p.add_argument("--backbone", default="convnet", choices=list(BACKBONES),
+                   help="resnet18/resnet50 are for GPUs (about 50 min an epoch on 2 cores)")
+    p.add_argument("--nredo", type=int, default=5, help="k-means restarts per granularity (E-step)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--data-root", default=FASHION_MNIST_ROOT)
     p.add_argument("--limit", type=int, default=None, help="train on the first N images only")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
 
-    train, test = load_fashion_mnist(split="train"), load_fashion_mnist(split="test")
+    train, test = load_fashion_mnist(args.data_root, "train"), load_fashion_mnist(args.data_root, "test")
     if args.limit:
         train = train.subset(torch.arange(args.limit))
     print(f"Fashion-MNIST: {len(train)} train / {len(test)} test, {torch.get_num_threads()} threads, "
-          f"batch {args.batch_size}, {args.epochs} epochs per method, {args.precision}, {args.backbone}")
+          f"batch {args.batch_size}, {args.epochs} epochs per method, {args.precision}, {args.backbone}, "
+          f"{args.device}, k-means nredo {args.nredo}")
 
     rows: dict[str, dict[str, float]] = {}
     flat = lambda x: x.images.reshape(len(x), -1).float().div(255).numpy()  # noqa: E731
@@ -123,7 +129,7 @@ def main() -> None:
     for name in args.methods:
         rows[name] = run_method(name, train, test, args.epochs, args.batch_size, args.lr,
                                 args.num_clusters, args.seed, args.crop_min_scale,
-                                args.precision, args.backbone)
+                                args.precision, args.backbone, args.nredo, args.device)
         r = rows[name]  # each row as it finishes, so an interrupted run keeps what it measured
         print(f"  {name} done: kNN {r['knn']:.4f} linear {r['linear']:.4f} AMI {r['ami']:.4f} "
               f"({r['epoch_s']:.0f} s/epoch)", flush=True)

@@ -1,0 +1,171 @@
+"""The CUDA/NCCL path on a GPU machine, and the speed of a ResNet training step there.
+
+Tests and CI run on CPU (gloo); this is the check that the same code runs unchanged on CUDA:
+
+1. **Every registered method under DDP with the NCCL backend.** One process group of world size 1
+   (one GPU: NCCL refuses two ranks on one device), each method wrapped in
+   ``DistributedDataParallel`` the way ``ray.train.torch.prepare_model`` wraps it, a few steps of
+   ``methods.training.train_epoch`` on Fashion-MNIST under bf16 autocast, PCL and SwAV with a
+   faiss E-step first. A method that leaves a tensor on the CPU, or whose loss is not finite,
+   fails here with its name. The collectives it exercises are ``all_ranks``' all-reduce and DDP's
+   gradient all-reduce; gathers across ranks need two GPUs.
+2. **Images/s of a SimCLR step** (two views from ``methods.views.augment`` on the GPU, forward,
+   backward, SGD) for the small convnet and ResNet-18/50 with the small-image stem, at fp32 and
+   bf16, the median of ``--repeats`` timed windows after warm-up.
+
+Run on a GPU machine: ``python benchmarks/gpu_check.py [--data-root DIR]``. It refuses to run
+without CUDA. The last line is JSON with the headline figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from methods.backbones import build_backbone
+from methods.base import Batch
+from methods.clustering import run_kmeans
+from methods.data import FASHION_MNIST_ROOT, load_fashion_mnist
+from methods.registry import available, build_method
+from methods.training import OptimConfig, encode, epoch_batches, make_optimizer, train_epoch
+from methods.views import view_spec
+
+# Small settings per method so each builds fast; the rest are the paper defaults.
+SMALL = {
+    "moco": {"queue_size": 4096}, "pcl": {"queue_size": 4096, "num_negative_prototypes": 50,
+                                          "warmup_epochs": 0},
+    "instdisc": {"num_negatives": 1024}, "cmc": {"memory_bank": True, "num_negatives": 1024},
+    "swav": {"num_prototypes": 50, "queue_length": 0}, "dino": {"out_dim": 1024},
+    "supcon": {}, "selfcon": {}, "simclr": {}, "moco_v3": {}, "byol": {}, "simsiam": {}, "cpc": {},
+}
+
+
+def init_process_group(device: str) -> None:
+    """NCCL on CUDA; gloo for ``--device cpu``, a dry run of this script before GPU time."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if device == "cuda":
+        dist.init_process_group("nccl", rank=0, world_size=1, device_id=torch.device("cuda", 0))
+    else:
+        dist.init_process_group("gloo", rank=0, world_size=1)
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def check_methods(train, steps: int, backbone: str, device: str) -> dict[str, float]:
+    """Every method, DDP-wrapped: the mean loss of ``steps`` bf16 steps."""
+    losses = {}
+    for name, regularizer in [(n, None) for n in available()] + [("simclr", "icl_msr")]:
+        torch.manual_seed(0)
+        method = build_method(name, build_backbone(backbone, 1, 28), view_spec("small", size=28),
+                              regularizer=regularizer, **SMALL.get(name, {})).to(device)
+        name = f"{name}+{regularizer}" if regularizer else name
+        method.bind_data(len(train), 0, 1)
+        model = DistributedDataParallel(method, device_ids=[0] if device == "cuda" else None,
+                                        broadcast_buffers=False)
+        batches = epoch_batches(len(train), 128, 0, 0)[:steps]
+        optimizer, scheduler = make_optimizer(method, OptimConfig(lr=0.03, precision="bf16"),
+                                              len(batches), 1)
+        prototypes = None
+        if method.needs_prototypes:
+            features = encode(method.cluster_embed, train.images, method, device=device)
+            prototypes = run_kmeans(features, [20, 40], 0.2, seed=0, nredo=1).on_device(device)
+        start = time.perf_counter()
+        metrics = train_epoch(method, train, batches, optimizer, scheduler, 0, prototypes, device,
+                              model=model, total_epochs=1, precision="bf16")
+        sync(device)
+        if not torch.isfinite(torch.tensor(metrics["loss"])):
+            raise FloatingPointError(f"{name}: loss {metrics['loss']} on CUDA")
+        losses[name] = metrics["loss"]
+        print(f"  {name:15} ok: loss {metrics['loss']:.3f}, {steps} steps in "
+              f"{time.perf_counter() - start:.1f}s", flush=True)
+    return losses
+
+
+def simclr_img_per_s(train, backbone: str, precision: str, batch_size: int, steps: int,
+                     repeats: int, device: str) -> float:
+    torch.manual_seed(0)
+    method = build_method("simclr", build_backbone(backbone, 1, 28), view_spec("small", size=28),
+                          proj_hidden_dim=512).to(device, memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(method.parameters(), lr=0.06, momentum=0.9, weight_decay=5e-4)
+    images, labels = train.images.to(device), train.labels.to(device)
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+    def step(i: int) -> None:
+        idx = torch.randint(0, len(images), (batch_size,), device=device)
+        with autocast:
+            loss, _ = method(Batch(idx, images[idx], labels[idx]), None)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    for i in range(5):
+        step(i)
+    sync(device)
+    rates = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for i in range(steps):
+            step(i)
+        sync(device)
+        rates.append(steps * batch_size / (time.perf_counter() - start))
+    return statistics.median(rates)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data-root", default=FASHION_MNIST_ROOT)
+    p.add_argument("--check-images", type=int, default=4096)
+    p.add_argument("--check-steps", type=int, default=8)
+    p.add_argument("--check-backbone", default="resnet18")
+    p.add_argument("--backbones", nargs="+", default=["convnet", "resnet18", "resnet50"])
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
+                   help="cpu: a dry run of the script with gloo (tiny sizes advised)")
+    args = p.parse_args()
+    device = args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("gpu_check: no CUDA device here; --device cpu is a dry run with gloo")
+    torch.backends.cudnn.benchmark = True
+    train = load_fashion_mnist(args.data_root, "train")
+    where = (f"{torch.cuda.get_device_name(0)}, NCCL {'.'.join(map(str, torch.cuda.nccl.version()))}"
+             if device == "cuda" else f"CPU, {torch.get_num_threads()} threads")
+    print(f"torch {torch.__version__}, {where}", flush=True)
+
+    init_process_group(device)
+    print(f"DDP ({dist.get_backend()}, world 1), {args.check_backbone}, {args.check_steps} bf16 "
+          f"steps of batch 128 per method:")
+    losses = check_methods(train.subset(torch.arange(args.check_images)), args.check_steps,
+                           args.check_backbone, device)
+    dist.destroy_process_group()
+
+    print(f"\nSimCLR step, batch {args.batch_size}, views on the GPU, median of {args.repeats} "
+          f"windows of {args.steps} steps:")
+    print(f"{'backbone':10}{'fp32 img/s':>12}{'bf16 img/s':>12}{'bf16/fp32':>10}")
+    headline: dict[str, float] = {"methods_ok": len(losses)}
+    for backbone in args.backbones:
+        rates = {prec: simclr_img_per_s(train, backbone, prec, args.batch_size, args.steps,
+                                        args.repeats, device) for prec in ("fp32", "bf16")}
+        print(f"{backbone:10}{rates['fp32']:12.0f}{rates['bf16']:12.0f}"
+              f"{rates['bf16'] / rates['fp32']:10.2f}", flush=True)
+        headline.update({f"{backbone}_{k}_img_per_s": round(v) for k, v in rates.items()})
+    print(json.dumps(headline))
+
+
+if __name__ == "__main__":
+    main()
