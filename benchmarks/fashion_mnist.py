@@ -10,6 +10,7 @@ methods with the same backbone, views, batch and schedule, so rows differ only b
     python benchmarks/fashion_mnist.py --epochs 10                # PCL, MoCo, SimCLR, 10 epochs each
     python benchmarks/fashion_mnist.py --methods pcl --epochs 30
     python benchmarks/fashion_mnist.py --methods simclr icl_msr supcon selfcon_s selfcon_m --epochs 4
+    python benchmarks/fashion_mnist.py --methods pcl --device cuda --backbone resnet18 --precision bf16
 
 The last line is JSON with the headline figures.
 """
@@ -81,12 +82,14 @@ def run_method(row: str, train, test, epochs: int, batch_size: int, lr: float,
                   device=device, on_epoch_end=lambda e, m: print(f"  {row} epoch {e}: loss {m['loss']:.3f} "
                                                   f"({m['epoch_s']:.0f}s)", flush=True))
     train_s = time.perf_counter() - start
-    train_x = encode(method.embed, train.images, method, device=device)
-    test_x = encode(method.embed, test.images, method, device=device)
-    scores = evaluate(train_x, train.labels.numpy(), test_x, test.labels.numpy(), seed)
+    def features(fn, images):
+        return encode(fn, images, method, device=device)
+
+    scores = evaluate(features(method.embed, train.images), train.labels.numpy(),
+                      features(method.embed, test.images), test.labels.numpy(), seed)
     if hasattr(method, "exit_embeds"):  # SelfCon: linear probe on each exit and the ensemble
-        exits = {e: (encode(lambda x, e=e: method.exit_embeds(x)[e], train.images, method, device=device),
-                     encode(lambda x, e=e: method.exit_embeds(x)[e], test.images, method, device=device))
+        exits = {e: (features(lambda x, e=e: method.exit_embeds(x)[e], train.images),
+                     features(lambda x, e=e: method.exit_embeds(x)[e], test.images))
                  for e in ("backbone", "sub")}
         per_exit = linear_probe_exits({e: v[0] for e, v in exits.items()}, train.labels.numpy(),
                                       {e: v[1] for e, v in exits.items()}, test.labels.numpy(), seed=seed)

@@ -33,18 +33,20 @@ from torch.nn.parallel import DistributedDataParallel
 from methods.backbones import build_backbone
 from methods.base import Batch
 from methods.clustering import run_kmeans
-from methods.data import FASHION_MNIST_ROOT, load_fashion_mnist
+from methods.data import FASHION_MNIST_ROOT, ImageDataset, load_fashion_mnist
 from methods.registry import available, build_method
 from methods.training import OptimConfig, encode, epoch_batches, make_optimizer, train_epoch
 from methods.views import view_spec
 
-# Small settings per method so each builds fast; the rest are the paper defaults.
+# Smaller queues, banks and prototype sets than the papers' so every method builds and steps fast
+# on a few thousand images (PCL with no warm-up, so its ProtoNCE term runs); the rest are defaults.
 SMALL = {
-    "moco": {"queue_size": 4096}, "pcl": {"queue_size": 4096, "num_negative_prototypes": 50,
-                                          "warmup_epochs": 0},
-    "instdisc": {"num_negatives": 1024}, "cmc": {"memory_bank": True, "num_negatives": 1024},
-    "swav": {"num_prototypes": 50, "queue_length": 0}, "dino": {"out_dim": 1024},
-    "supcon": {}, "selfcon": {}, "simclr": {}, "moco_v3": {}, "byol": {}, "simsiam": {}, "cpc": {},
+    "moco": {"queue_size": 4096},
+    "pcl": {"queue_size": 4096, "num_negative_prototypes": 50, "warmup_epochs": 0},
+    "instdisc": {"num_negatives": 1024},
+    "cmc": {"memory_bank": True, "num_negatives": 1024},
+    "swav": {"num_prototypes": 50, "queue_length": 0},
+    "dino": {"out_dim": 1024},
 }
 
 
@@ -65,14 +67,16 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def check_methods(train, steps: int, backbone: str, device: str) -> dict[str, float]:
-    """Every method, DDP-wrapped: the mean loss of ``steps`` bf16 steps."""
+def check_methods(train: ImageDataset, steps: int, backbone: str, device: str) -> dict[str, float]:
+    """Every method, DDP-wrapped: the mean loss of ``steps`` bf16 steps. ``train_epoch`` stops
+    on a non-finite loss; the method's name is printed first, so the failure says which."""
     losses = {}
     for name, regularizer in [(n, None) for n in available()] + [("simclr", "icl_msr")]:
         torch.manual_seed(0)
         method = build_method(name, build_backbone(backbone, 1, 28), view_spec("small", size=28),
                               regularizer=regularizer, **SMALL.get(name, {})).to(device)
         name = f"{name}+{regularizer}" if regularizer else name
+        print(f"  {name:15}", end=" ", flush=True)
         method.bind_data(len(train), 0, 1)
         model = DistributedDataParallel(method, device_ids=[0] if device == "cuda" else None,
                                         broadcast_buffers=False)
@@ -87,16 +91,16 @@ def check_methods(train, steps: int, backbone: str, device: str) -> dict[str, fl
         metrics = train_epoch(method, train, batches, optimizer, scheduler, 0, prototypes, device,
                               model=model, total_epochs=1, precision="bf16")
         sync(device)
-        if not torch.isfinite(torch.tensor(metrics["loss"])):
-            raise FloatingPointError(f"{name}: loss {metrics['loss']} on CUDA")
         losses[name] = metrics["loss"]
-        print(f"  {name:15} ok: loss {metrics['loss']:.3f}, {steps} steps in "
+        print(f"ok: loss {metrics['loss']:.3f}, {steps} steps in "
               f"{time.perf_counter() - start:.1f}s", flush=True)
     return losses
 
 
-def simclr_img_per_s(train, backbone: str, precision: str, batch_size: int, steps: int,
+def simclr_img_per_s(train: ImageDataset, backbone: str, precision: str, batch_size: int, steps: int,
                      repeats: int, device: str) -> float:
+    """Median images/s; the dataset sits on the device, so the figure is the step alone (views,
+    network, optimiser) and not a host-to-device copy."""
     torch.manual_seed(0)
     method = build_method("simclr", build_backbone(backbone, 1, 28), view_spec("small", size=28),
                           proj_hidden_dim=512).to(device, memory_format=torch.channels_last)
@@ -104,7 +108,7 @@ def simclr_img_per_s(train, backbone: str, precision: str, batch_size: int, step
     images, labels = train.images.to(device), train.labels.to(device)
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16")
 
-    def step(i: int) -> None:
+    def step() -> None:
         idx = torch.randint(0, len(images), (batch_size,), device=device)
         with autocast:
             loss, _ = method(Batch(idx, images[idx], labels[idx]), None)
@@ -112,14 +116,14 @@ def simclr_img_per_s(train, backbone: str, precision: str, batch_size: int, step
         loss.backward()
         optimizer.step()
 
-    for i in range(5):
-        step(i)
+    for _ in range(5):
+        step()
     sync(device)
     rates = []
     for _ in range(repeats):
         start = time.perf_counter()
-        for i in range(steps):
-            step(i)
+        for _ in range(steps):
+            step()
         sync(device)
         rates.append(steps * batch_size / (time.perf_counter() - start))
     return statistics.median(rates)
