@@ -88,6 +88,13 @@ def make_optimizer(method: Method, cfg: OptimConfig, steps_per_epoch: int, epoch
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
+def autocast_for(device: str | torch.device, precision: str) -> torch.autocast:
+    """bfloat16 autocast on ``device`` for ``precision="bf16"``, a disabled one for fp32."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"optim.precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
 def train_epoch(method: Method, dataset: ImageDataset, batches: Sequence[torch.Tensor],
                 optimizer: torch.optim.Optimizer, scheduler, epoch: int,
                 prototypes: DevicePrototypes | None = None, device: str | torch.device = "cpu",
@@ -101,11 +108,8 @@ def train_epoch(method: Method, dataset: ImageDataset, batches: Sequence[torch.T
     with AMX it made a SimCLR step 1.5x faster (``benchmarks/throughput.py``), on CUDA it is the
     usual mixed precision.
     """
-    if precision not in PRECISIONS:
-        raise ValueError(f"optim.precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     model = model or method
-    autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16,
-                              enabled=precision == "bf16")
+    autocast = autocast_for(device, precision)
     model.train()
     sums: dict[str, float] = {}
     for step, idx in enumerate(batches):
@@ -133,12 +137,18 @@ def train_epoch(method: Method, dataset: ImageDataset, batches: Sequence[torch.T
 
 @torch.no_grad()
 def encode(fn: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, method: Method,
-           batch_size: int = 1024, device: str | torch.device = "cpu") -> np.ndarray:
-    """``fn`` (e.g. ``method.embed``) over un-augmented images, in eval mode, as float32 numpy."""
+           batch_size: int = 1024, device: str | torch.device = "cpu", precision: str = "fp32"
+           ) -> np.ndarray:
+    """``fn`` (e.g. ``method.embed``) over un-augmented images, in eval mode, as float32 numpy.
+
+    ``precision="bf16"`` runs the forward under bfloat16 autocast, as the training step does: the
+    E-step encodes every image each epoch, and in fp32 that was a third of a bf16 epoch.
+    """
     was_training = method.training
     method.eval()
-    out = [fn(to_input(images[i : i + batch_size].to(device), method.views)).float().cpu()
-           for i in range(0, len(images), batch_size)]
+    with autocast_for(device, precision):
+        out = [fn(to_input(images[i : i + batch_size].to(device), method.views)).float().cpu()
+               for i in range(0, len(images), batch_size)]
     method.train(was_training)
     return torch.cat(out).numpy()
 
@@ -160,7 +170,8 @@ def fit(method: Method, dataset: ImageDataset, epochs: int, batch_size: int,
         start = time.perf_counter()
         prototypes, estep_s = None, 0.0
         if method.needs_prototypes and epoch >= method.prototype_warmup_epochs:
-            features = encode(method.cluster_embed, dataset.images, method, device=device)
+            features = encode(method.cluster_embed, dataset.images, method, device=device,
+                              precision=optim.precision)
             found: Prototypes = run_kmeans(features, num_clusters, kmeans_temperature, seed + epoch,
                                            nredo=nredo)
             prototypes, estep_s = found.on_device(device), time.perf_counter() - start

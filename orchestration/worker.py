@@ -95,7 +95,8 @@ def train_loop(config: dict) -> None:
 
         # --- E-step: cluster every rank's features in the actor, receive the same prototypes
         if method.needs_prototypes and epoch >= method.prototype_warmup_epochs:
-            features = encode(method.cluster_embed, train.images[shard], method, device=device)
+            features = encode(method.cluster_embed, train.images[shard], method, device=device,
+                              precision=o.precision)
             refs = [ray.put(shard.numpy()), ray.put(features)]
             waited = time.perf_counter()
             prototypes = fetch_prototypes(service, epoch, rank, refs, _barrier, all_ranks)

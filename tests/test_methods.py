@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import faiss
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -194,3 +195,21 @@ def test_bf16_autocast_trains_with_float32_weights(digits):
     assert math.isfinite(history[0]["loss"])
     with pytest.raises(ValueError, match="optim.precision"):
         fit(m, tr, epochs=1, batch_size=64, optim=OptimConfig(precision="fp16"))
+
+
+def test_bf16_encode_runs_in_bf16_and_returns_float32(digits):
+    """The E-step's encode follows optim.precision; its features stay close to fp32's."""
+    _, te = digits
+    torch.manual_seed(0)
+    m = build_method("moco", build_backbone("convnet", 1, 8), view_spec("digits"), queue_size=256)
+    seen = []  # cluster_embed runs the momentum encoder, a copy of the backbone
+    m.encoder_k[0].register_forward_hook(lambda mod, inp, out: seen.append(out.dtype))
+    full = encode(m.cluster_embed, te.images[:64], m)
+    assert seen and set(seen) == {torch.float32}
+    seen.clear()
+    half = encode(m.cluster_embed, te.images[:64], m, precision="bf16")
+    assert set(seen) == {torch.bfloat16} and half.dtype == np.float32
+    cosine = F.cosine_similarity(torch.from_numpy(full), torch.from_numpy(half), dim=1)
+    assert cosine.min() > 0.98
+    with pytest.raises(ValueError, match="optim.precision"):
+        encode(m.cluster_embed, te.images[:4], m, precision="fp16")
