@@ -5,7 +5,7 @@ Tests and CI run on CPU (gloo); this is the check that the same code runs unchan
 1. **Every registered method under DDP with the NCCL backend.** One process group of world size 1
    (one GPU: NCCL refuses two ranks on one device), each method wrapped in
    ``DistributedDataParallel`` the way ``ray.train.torch.prepare_model`` wraps it, a few steps of
-   ``methods.training.train_epoch`` on Fashion-MNIST under bf16 autocast, PCL and SwAV with a
+   ``methods.training.train_epoch`` on Fashion-MNIST under bf16 autocast, PCL with a
    faiss E-step first. A method that leaves a tensor on the CPU, or whose loss is not finite,
    fails here with its name. The collectives it exercises are ``all_ranks``' all-reduce and DDP's
    gradient all-reduce; gathers across ranks need two GPUs.
