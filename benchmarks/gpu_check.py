@@ -35,7 +35,14 @@ from methods.base import Batch
 from methods.clustering import run_kmeans
 from methods.data import FASHION_MNIST_ROOT, ImageDataset, load_fashion_mnist
 from methods.registry import available, build_method
-from methods.training import OptimConfig, encode, epoch_batches, make_optimizer, train_epoch
+from methods.training import (
+    OptimConfig,
+    autocast_for,
+    encode,
+    epoch_batches,
+    make_optimizer,
+    train_epoch,
+)
 from methods.views import view_spec
 
 # Smaller queues, banks and prototype sets than the papers' so every method builds and steps fast
@@ -106,7 +113,7 @@ def simclr_img_per_s(train: ImageDataset, backbone: str, precision: str, batch_s
                           proj_hidden_dim=512).to(device, memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(method.parameters(), lr=0.06, momentum=0.9, weight_decay=5e-4)
     images, labels = train.images.to(device), train.labels.to(device)
-    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16")
+    autocast = autocast_for(device, precision)
 
     def step() -> None:
         idx = torch.randint(0, len(images), (batch_size,), device=device)

@@ -51,6 +51,7 @@ from methods.backbones import build_backbone
 from methods.base import Batch
 from methods.data import ImageDataset, load_fashion_mnist
 from methods.registry import build_method
+from methods.training import autocast_for
 from methods.views import ViewSpec, augment, view_spec
 
 WARMUP = 3
@@ -95,10 +96,6 @@ def time_window(pipe: Pipeline, kind: str, steps: int) -> None:
 # protoray: uint8 batch indexed from the in-memory tensor, views made inside training_step
 
 
-def _autocast(precision: str):
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
-
-
 def protoray_pipeline(dataset: ImageDataset, spec: ViewSpec, batch_size: int,
                       precision: str = "fp32") -> Pipeline:
     gen = torch.Generator().manual_seed(0)
@@ -119,7 +116,7 @@ def protoray_pipeline(dataset: ImageDataset, spec: ViewSpec, batch_size: int,
     def train_step() -> float:
         idx = next_indices()
         batch = Batch(idx, dataset.images[idx], dataset.labels[idx])
-        with _autocast(precision):  # as methods.training.train_epoch does
+        with autocast_for("cpu", precision):  # as methods.training.train_epoch does
             loss, _ = method.training_step(batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -207,7 +204,7 @@ def lightly_pipeline(dataset: ImageDataset, spec: ViewSpec, batch_size: int, wor
 
     def train_step() -> float:
         (x0, x1), _ = next(batches)
-        with _autocast(precision):
+        with autocast_for("cpu", precision):
             z0, z1 = model(torch.cat([x0, x1])).chunk(2)
             loss = criterion(z0, z1)
         opt.zero_grad(set_to_none=True)
