@@ -33,6 +33,7 @@ METHODS: dict[str, tuple[str, str, str]] = {
     "selfcon_m": ("SelfCon-M (labels)", "Bae et al. 2021", "selfcon_m_fashion_mnist.yaml"),
     "icl_msr_fo": ("ICL-MSR on SimCLR, first order", "Qiang et al. 2022 (unofficial)",
                    "icl_msr_simclr_fashion_mnist.yaml"),
+    "supervised": ("cross-entropy (labels, reference)", "-", "supervised_fashion_mnist.yaml"),
     "raw_pixels": ("raw pixels", "-", "-"),
 }
 

@@ -1,5 +1,5 @@
 """SupCon and SelfCon: the losses against lightly / a loop over the paper's equation, the
-multi-exit encoder, and short trainings on digits."""
+multi-exit encoder, and short trainings on digits; the cross-entropy reference line beside them."""
 
 from __future__ import annotations
 
@@ -137,12 +137,42 @@ def test_selfcon_s_passes_each_image_through_the_backbone_once():
     assert _images_through_backbone("supcon") == 64
 
 
-def test_supervised_methods_reject_unlabelled_batches():
+@pytest.mark.parametrize("name", ["supcon", "supervised"])
+def test_supervised_methods_reject_unlabelled_batches(name):
     digits = load_digits("train")
-    m = build_method("supcon", build_backbone("convnet", 1, 8), view_spec("digits"))
+    m = build_method(name, build_backbone("convnet", 1, 8), view_spec("digits"))
     idx = torch.arange(8)
     with pytest.raises(ValueError, match="method.supervised"):
         m.training_step(Batch(idx, digits.images[idx], torch.full((8,), -1)))
+
+
+def test_cross_entropy_reference_rejects_labels_beyond_its_classes():
+    digits = load_digits("train")
+    idx = torch.arange(8)
+    with pytest.raises(ValueError, match="method.num_classes"):
+        build_method("supervised", build_backbone("convnet", 1, 8), view_spec("digits"), num_classes=1)
+    m = build_method("supervised", build_backbone("convnet", 1, 8), view_spec("digits"), num_classes=5)
+    with pytest.raises(ValueError, match="method.num_classes is 5"):
+        m.training_step(Batch(idx, digits.images[idx], torch.arange(8)))
+
+
+def test_cross_entropy_reference_learns_the_labels():
+    """Two epochs on digits: the classifier fits the training labels and the backbone's kNN rises."""
+    torch.set_num_threads(1)
+    tr, te = load_digits("train"), load_digits("test")
+    torch.manual_seed(0)
+    m = build_method("supervised", build_backbone("convnet", 1, 8), view_spec("digits"))
+
+    def knn() -> float:
+        return knn_accuracy(encode(m.embed, tr.images, m), tr.labels.numpy(),
+                            encode(m.embed, te.images, m), te.labels.numpy())
+
+    before = knn()
+    history = fit(m, tr, epochs=2, batch_size=64, optim=OptimConfig(lr=0.05))
+    after = knn()
+    assert history[-1]["train_accuracy"] > 0.8, history[-1]
+    assert history[-1]["loss_ce"] < history[0]["loss_ce"]
+    assert after > before + 0.03, f"kNN {before:.3f} -> {after:.3f}"
 
 
 @pytest.mark.parametrize("name,hparams", [

@@ -13,8 +13,9 @@ from methods.zoo import (
     simclr,
     simsiam,
     supcon,
+    supervised,
     swav,
 )
 
 __all__ = ["byol", "cmc", "cpc", "dino", "instdisc", "moco", "moco_v3", "pcl", "selfcon", "simclr",
-           "simsiam", "supcon", "swav"]
+           "simsiam", "supcon", "supervised", "swav"]
