@@ -11,7 +11,7 @@ methods with the same backbone, views, batch and schedule, so rows differ only b
     python benchmarks/fashion_mnist.py --epochs 10                # PCL, MoCo, SimCLR, 10 epochs each
     python benchmarks/fashion_mnist.py --methods pcl --epochs 30
     python benchmarks/fashion_mnist.py --methods simclr icl_msr supcon selfcon_s selfcon_m --epochs 4
-    python benchmarks/fashion_mnist.py --methods supervised --epochs 8 --precision bf16
+    python benchmarks/fashion_mnist.py --methods supervised --epochs 20 --precision bf16
     python benchmarks/fashion_mnist.py --methods pcl --device cuda --backbone resnet18 --precision bf16
 
 The last line is JSON with the headline figures.

@@ -156,20 +156,21 @@ def test_cross_entropy_reference_rejects_labels_beyond_its_classes():
         m.training_step(Batch(idx, digits.images[idx], torch.arange(8)))
 
 
+def _knn(m, tr, te) -> float:
+    """kNN accuracy of ``m``'s backbone features, digits' train split as the bank."""
+    return knn_accuracy(encode(m.embed, tr.images, m), tr.labels.numpy(),
+                        encode(m.embed, te.images, m), te.labels.numpy())
+
+
 def test_cross_entropy_reference_learns_the_labels():
     """Two epochs on digits: the classifier fits the training labels and the backbone's kNN rises."""
     torch.set_num_threads(1)
     tr, te = load_digits("train"), load_digits("test")
     torch.manual_seed(0)
     m = build_method("supervised", build_backbone("convnet", 1, 8), view_spec("digits"))
-
-    def knn() -> float:
-        return knn_accuracy(encode(m.embed, tr.images, m), tr.labels.numpy(),
-                            encode(m.embed, te.images, m), te.labels.numpy())
-
-    before = knn()
+    before = _knn(m, tr, te)
     history = fit(m, tr, epochs=2, batch_size=64, optim=OptimConfig(lr=0.05))
-    after = knn()
+    after = _knn(m, tr, te)
     assert history[-1]["train_accuracy"] > 0.8, history[-1]
     assert history[-1]["loss_ce"] < history[0]["loss_ce"]
     assert after > before + 0.03, f"kNN {before:.3f} -> {after:.3f}"
@@ -185,16 +186,11 @@ def test_training_beats_random_encoder(name, hparams):
     torch.manual_seed(0)
     m = build_method(name, build_backbone("convnet", 1, 8), view_spec("digits"),
                      proj_hidden_dim=128, **hparams)
-
-    def knn() -> float:
-        return knn_accuracy(encode(m.embed, tr.images, m), tr.labels.numpy(),
-                            encode(m.embed, te.images, m), te.labels.numpy())
-
-    before = knn()
+    before = _knn(m, tr, te)
     # SelfCon-S sees one view per step (half SupCon's compute): it gets 4 epochs to SupCon's 2
     epochs = 4 if name == "selfcon" else 2
     fit(m, tr, epochs=epochs, batch_size=64, optim=OptimConfig(lr=0.05))
-    after = knn()
+    after = _knn(m, tr, te)
     assert after > before + 0.03, f"{name} {hparams}: kNN {before:.3f} -> {after:.3f}"
     if name == "selfcon":
         exits = m.exit_embeds(torch.zeros(2, 1, 8, 8))
