@@ -29,13 +29,14 @@ import torch
 from methods.backbones import BACKBONES, build_backbone
 from methods.data import FASHION_MNIST_ROOT, load_fashion_mnist
 from methods.evaluation import evaluate, linear_probe_exits
-from methods.registry import build_method
+from methods.registry import build_method, hyperparameters
 from methods.training import OptimConfig, encode, fit
 from methods.views import view_spec
 
 # Shared settings, chosen for a 2-core CPU; each method keeps its paper temperature family.
 # Row name -> (registered method, hyperparameters).
-_QUEUE = {"momentum": 0.99, "queue_size": 16384, "proj_hidden_dim": 512}
+# MoCo/PCL normalise 32-image BatchNorm slices of the 256 batch, keys shuffled (shuffling BN).
+_QUEUE = {"momentum": 0.99, "queue_size": 16384, "proj_hidden_dim": 512, "bn_splits": 8}
 _SUPCON = {"temperature": 0.1, "base_temperature": 0.07, "proj_hidden_dim": 512}
 ROWS: dict[str, tuple[str, dict]] = {
     "simclr": ("simclr", {"temperature": 0.2, "proj_hidden_dim": 512}),
@@ -69,9 +70,11 @@ ROWS: dict[str, tuple[str, dict]] = {
 def run_method(row: str, train, test, epochs: int, batch_size: int, lr: float,
                num_clusters: list[int], seed: int, crop_min_scale: float | None = None,
                precision: str = "fp32", backbone: str = "convnet", nredo: int = 5,
-               device: str = "cpu") -> dict[str, float]:
+               device: str = "cpu", bn_splits: int | None = None) -> dict[str, float]:
     torch.manual_seed(seed)
     name, hparams = ROWS[row][0], dict(ROWS[row][1])
+    if bn_splits is not None and "bn_splits" in hyperparameters(name):
+        hparams["bn_splits"] = bn_splits
     lr = hparams.pop("lr", lr)  # a row's own learning rate where the shared one diverges
     if name == "pcl":
         hparams["warmup_epochs"] = max(1, epochs // 10)  # the paper's 20 of 200
@@ -115,6 +118,8 @@ def main() -> None:
     p.add_argument("--backbone", default="convnet", choices=list(BACKBONES),
                    help="resnet18/resnet50 are for GPUs (about 50 min an epoch on 2 cores)")
     p.add_argument("--nredo", type=int, default=5, help="k-means restarts per granularity (E-step)")
+    p.add_argument("--bn-splits", type=int, default=None,
+                   help="MoCo/PCL: BatchNorm slices per batch, the keys' shuffled (default the row's)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--data-root", default=FASHION_MNIST_ROOT)
     p.add_argument("--limit", type=int, default=None, help="train on the first N images only")
@@ -126,7 +131,7 @@ def main() -> None:
         train = train.subset(torch.arange(args.limit))
     print(f"Fashion-MNIST: {len(train)} train / {len(test)} test, {torch.get_num_threads()} threads, "
           f"batch {args.batch_size}, {args.epochs} epochs per method, {args.precision}, {args.backbone}, "
-          f"{args.device}, k-means nredo {args.nredo}")
+          f"{args.device}, k-means nredo {args.nredo}, bn splits {args.bn_splits or 'row default'}")
 
     rows: dict[str, dict[str, float]] = {}
     flat = lambda x: x.images.reshape(len(x), -1).float().div(255).numpy()  # noqa: E731
@@ -135,7 +140,8 @@ def main() -> None:
     for name in args.methods:
         rows[name] = run_method(name, train, test, args.epochs, args.batch_size, args.lr,
                                 args.num_clusters, args.seed, args.crop_min_scale,
-                                args.precision, args.backbone, args.nredo, args.device)
+                                args.precision, args.backbone, args.nredo, args.device,
+                                args.bn_splits)
         r = rows[name]  # each row as it finishes, so an interrupted run keeps what it measured
         print(f"  {name} done: kNN {r['knn']:.4f} linear {r['linear']:.4f} AMI {r['ami']:.4f} "
               f"({r['epoch_s']:.0f} s/epoch)", flush=True)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from methods.backbones import build_backbone
 from methods.data import load_digits
 from methods.evaluation import knn_accuracy
-from methods.momentum import FeatureQueue, ema_update, momentum_copy
+from methods.momentum import FeatureQueue, ema_update, momentum_copy, split_batch_forward
 from methods.registry import available, build_method, hyperparameters
 from methods.training import NonFiniteLossError, OptimConfig, encode, epoch_batches, fit
 from methods.views import view_spec
@@ -59,6 +59,9 @@ def test_build_method_errors():
         build_method("moco", backbone, views, momentum=1.0)
     with pytest.raises(ValueError, match="method.warmup_epochs"):
         build_method("pcl", backbone, views, warmup_epochs=-1)
+    for name in ("moco", "pcl"):
+        with pytest.raises(ValueError, match="method.bn_splits"):
+            build_method(name, backbone, views, bn_splits=0)
 
 
 def test_feature_queue_wraps_around():
@@ -99,8 +102,30 @@ def test_ema_update():
         torch.testing.assert_close(t, o)
 
 
+def test_split_batch_forward_normalises_each_slice_and_keeps_order():
+    """BatchNorm sees one slice at a time; shuffled slices mix the batch and come back in order."""
+    bn = nn.BatchNorm1d(1, affine=False)  # train mode: each call normalises by its own batch
+    x = torch.cat([torch.zeros(4, 1), torch.full((4, 1), 10.0)]) + torch.arange(8.0).view(8, 1)
+    whole = split_batch_forward(bn, x, 1)
+    torch.testing.assert_close(whole, bn(x))
+    halves = split_batch_forward(bn, x, 2)
+    torch.testing.assert_close(halves, torch.cat([bn(x[:4]), bn(x[4:])]))
+    assert not torch.allclose(halves, whole)  # the two halves' statistics differ from the batch's
+
+    generator = torch.Generator().manual_seed(3)
+    shuffled = split_batch_forward(bn, x, 2, generator)
+    order = torch.randperm(8, generator=torch.Generator().manual_seed(3))
+    assert sorted(order[:4].tolist()) != [0, 1, 2, 3]  # this seed mixes the halves
+    expected = torch.empty(8, 1)
+    expected[order] = torch.cat([bn(x[order[:4]]), bn(x[order[4:]])])
+    torch.testing.assert_close(shuffled, expected)
+    # a row-wise encoder is unchanged by slicing and shuffling: outputs are in input order
+    linear = nn.Linear(1, 3)
+    torch.testing.assert_close(split_batch_forward(linear, x, 4, generator), linear(x))
+
+
 _BASE = dict(proj_hidden_dim=128, temperature=0.2)
-_MOCO = dict(_BASE, queue_size=256, momentum=0.9)
+_MOCO = dict(_BASE, queue_size=256, momentum=0.9, bn_splits=4)
 _HPARAMS = {"simclr": _BASE, "moco": _MOCO,
             "pcl": dict(_MOCO, warmup_epochs=1, num_negative_prototypes=64)}
 

@@ -14,7 +14,13 @@ import torch.nn.functional as F
 from methods.base import Batch, Method
 from methods.heads import projection_mlp
 from methods.losses import check_temperature, gather_no_grad, info_nce
-from methods.momentum import FeatureQueue, check_momentum, ema_update, momentum_copy
+from methods.momentum import (
+    FeatureQueue,
+    check_momentum,
+    ema_update,
+    momentum_copy,
+    split_batch_forward,
+)
 from methods.registry import register
 from methods.views import ViewSpec
 
@@ -23,10 +29,13 @@ from methods.views import ViewSpec
 class MoCo(Method):
     def __init__(self, backbone: nn.Module, views: ViewSpec, temperature: float = 0.2,
                  momentum: float = 0.999, queue_size: int = 65536, proj_hidden_dim: int = 2048,
-                 proj_dim: int = 128, proj_layers: int = 2, seed: int = 0):
+                 proj_dim: int = 128, proj_layers: int = 2, bn_splits: int = 1, seed: int = 0):
         super().__init__(backbone, views, seed)
         check_temperature(temperature, "method.temperature")
         check_momentum(momentum)
+        if bn_splits < 1:
+            raise ValueError(f"method.bn_splits must be >= 1 (1 = no split), got {bn_splits}")
+        self.bn_splits = bn_splits
         self.temperature = temperature
         self.momentum = momentum
         self.projection = projection_mlp(backbone.feature_dim, proj_hidden_dim, proj_dim,
@@ -37,10 +46,12 @@ class MoCo(Method):
         self._pending_keys: torch.Tensor | None = None
 
     def pair_features(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Query-side backbone feature (with gradient) and key-side momentum feature."""
-        h_q = self.encoder_q[0](self.view(batch.images))
+        """Query-side backbone feature (with gradient) and key-side momentum feature, each batch
+        run as ``bn_splits`` BatchNorm slices, the keys' slices shuffled (shuffling BN)."""
+        x_q, x_k = self.view(batch.images), self.view(batch.images)
+        h_q = split_batch_forward(self.encoder_q[0], x_q, self.bn_splits)
         with torch.no_grad():
-            h_k = self.encoder_k[0](self.view(batch.images))
+            h_k = split_batch_forward(self.encoder_k[0], x_k, self.bn_splits, self.generator)
         return h_q, h_k
 
     def queries_and_keys(self, h_q: torch.Tensor, h_k: torch.Tensor, record: bool = True
