@@ -35,6 +35,9 @@ def split_batch_forward(encoder: nn.Module, x: torch.Tensor, splits: int,
     """
     if splits == 1:
         return encoder(x)
+    if len(x) < 2 * splits:
+        raise ValueError(f"method.bn_splits ({splits}) leaves fewer than 2 images per BatchNorm "
+                         f"slice of a {len(x)}-image batch; lower it or raise the batch size")
     if generator is None:
         return torch.cat([encoder(part) for part in x.chunk(splits)])
     order = torch.randperm(len(x), generator=generator).to(x.device)

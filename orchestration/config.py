@@ -101,7 +101,8 @@ class MethodConfig(BaseModel):
                 raise ValueError(f"method.{key} must be {'>' if strict else '>='} {low} (got {value})")
         if self.hparams.get("momentum", 0) >= 1:
             raise ValueError(f"method.momentum must be < 1 (got {self.hparams['momentum']})")
-        for key in ("queue_size", "num_negative_prototypes", "proj_dim", "proj_hidden_dim"):
+        for key in ("queue_size", "num_negative_prototypes", "proj_dim", "proj_hidden_dim",
+                    "bn_splits"):
             if key in self.hparams and self.hparams[key] < 1:
                 raise ValueError(f"method.{key} must be >= 1 (got {self.hparams[key]})")
         return self
@@ -176,6 +177,12 @@ class ExperimentConfig(Section):
         if self.optim.batch_size % self.scaling.num_workers:
             raise ValueError(f"optim.batch_size ({self.optim.batch_size}) must be divisible by "
                              f"scaling.num_workers ({self.scaling.num_workers})")
+        splits = self.method.hparams.get("bn_splits", 1)
+        per_worker = self.optim.batch_size // self.scaling.num_workers
+        if isinstance(splits, int) and per_worker < 2 * splits:
+            raise ValueError(f"method.bn_splits ({splits}) leaves fewer than 2 images per BatchNorm "
+                             f"slice of each worker's {per_worker}; lower it or raise "
+                             f"optim.batch_size")
         size = self.train_size()
         if size is not None:
             for k in self.clustering.num_clusters:

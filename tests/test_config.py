@@ -24,6 +24,8 @@ INVALID = [
     (["method.queue_size=0"], "queue_size"),
     (["method.queue_size=12.5"], "queue_size"),
     (["method.num_negative_prototypes=0"], "num_negative_prototypes"),
+    (["method.bn_splits=0"], "bn_splits"),
+    (["method.bn_splits=65", "optim.batch_size=256", "scaling.num_workers=2"], "bn_splits"),
     (["method.warmup_epochs=20", "optim.epochs=20"], "warmup_epochs"),
     (["method.warmup_epochs=30", "optim.epochs=20"], "warmup_epochs"),
     (["method.name=nosuch"], "unknown method"),

@@ -122,6 +122,8 @@ def test_split_batch_forward_normalises_each_slice_and_keeps_order():
     # a row-wise encoder is unchanged by slicing and shuffling: outputs are in input order
     linear = nn.Linear(1, 3)
     torch.testing.assert_close(split_batch_forward(linear, x, 4, generator), linear(x))
+    with pytest.raises(ValueError, match="method.bn_splits"):  # a 1-image slice has no statistics
+        split_batch_forward(bn, x, 5)
 
 
 _BASE = dict(proj_hidden_dim=128, temperature=0.2)
