@@ -21,6 +21,14 @@ def ema_update(target: nn.Module, online: nn.Module, momentum: float) -> None:
     torch._foreach_add_(t_params, o_params, alpha=1 - momentum)
 
 
+def check_bn_splits(splits: int, batch_size: int) -> None:
+    """A BatchNorm slice needs 2 images to have statistics; one slice (no split) is always fine."""
+    if splits > 1 and batch_size < 2 * splits:
+        raise ValueError(f"method.bn_splits ({splits}) leaves fewer than 2 images per BatchNorm "
+                         f"slice of a {batch_size}-image batch per worker; lower it or raise "
+                         f"optim.batch_size")
+
+
 def split_batch_forward(encoder: nn.Module, x: torch.Tensor, splits: int,
                         generator: torch.Generator | None = None) -> torch.Tensor:
     """``encoder(x)`` run on ``splits`` slices of the batch, so BatchNorm normalises each slice by
@@ -35,11 +43,9 @@ def split_batch_forward(encoder: nn.Module, x: torch.Tensor, splits: int,
     order): on Fashion-MNIST, shuffled key slices with whole-batch queries changed nothing
     (README, four-epoch screens).
     """
+    check_bn_splits(splits, len(x))
     if splits == 1:
         return encoder(x)
-    if len(x) < 2 * splits:
-        raise ValueError(f"method.bn_splits ({splits}) leaves fewer than 2 images per BatchNorm "
-                         f"slice of a {len(x)}-image batch; lower it or raise the batch size")
     if generator is None:
         return torch.cat([encoder(part) for part in x.chunk(splits)])
     order = torch.randperm(len(x), generator=generator).to(x.device)

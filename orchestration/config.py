@@ -14,6 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from methods.momentum import check_bn_splits
 from methods.registry import available, hyperparameters, is_two_view
 
 # PCL's paper warm-up is 20 of 200 epochs; the CPU-sized default (20 epochs) keeps that ratio.
@@ -177,12 +178,8 @@ class ExperimentConfig(Section):
         if self.optim.batch_size % self.scaling.num_workers:
             raise ValueError(f"optim.batch_size ({self.optim.batch_size}) must be divisible by "
                              f"scaling.num_workers ({self.scaling.num_workers})")
-        splits = self.method.hparams.get("bn_splits", 1)
-        per_worker = self.optim.batch_size // self.scaling.num_workers
-        if isinstance(splits, int) and per_worker < 2 * splits:
-            raise ValueError(f"method.bn_splits ({splits}) leaves fewer than 2 images per BatchNorm "
-                             f"slice of each worker's {per_worker}; lower it or raise "
-                             f"optim.batch_size")
+        check_bn_splits(self.method.hparams.get("bn_splits", 1),
+                        self.optim.batch_size // self.scaling.num_workers)
         size = self.train_size()
         if size is not None:
             for k in self.clustering.num_clusters:

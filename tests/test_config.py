@@ -115,6 +115,14 @@ def test_regularizer_hyperparameters_join_the_method_and_round_trip():
     assert build_config(__import__("yaml").safe_load(to_yaml(cfg))) == cfg
 
 
+def test_bn_splits_bounds_only_a_split_batch():
+    """One image per worker is fine without slices; 64 slices of 128 images per worker are too."""
+    build_config({}, ["method.name=simclr", "optim.batch_size=2", "scaling.num_workers=2"])
+    build_config({}, ["method.bn_splits=64", "optim.batch_size=256", "scaling.num_workers=2"])
+    with pytest.raises(ConfigError, match="method.bn_splits"):
+        build_config({}, ["method.bn_splits=65", "optim.batch_size=256", "scaling.num_workers=2"])
+
+
 def test_overrides_are_typed_yaml_values():
     cfg = build_config({}, ["method.temperature=0.1", "clustering.num_clusters=[10, 20]",
                             "scaling.use_gpu=true"])
