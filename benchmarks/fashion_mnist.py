@@ -70,11 +70,14 @@ ROWS: dict[str, tuple[str, dict]] = {
 def run_method(row: str, train, test, epochs: int, batch_size: int, lr: float,
                num_clusters: list[int], seed: int, crop_min_scale: float | None = None,
                precision: str = "fp32", backbone: str = "convnet", nredo: int = 5,
-               device: str = "cpu", bn_splits: int | None = None) -> dict[str, float]:
+               device: str = "cpu", bn_splits: int | None = None,
+               temperature: float | None = None) -> dict[str, float]:
     torch.manual_seed(seed)
     name, hparams = ROWS[row][0], dict(ROWS[row][1])
     if bn_splits is not None and "bn_splits" in hyperparameters(name):
         hparams["bn_splits"] = bn_splits
+    if temperature is not None and "temperature" in hyperparameters(name):
+        hparams["temperature"] = temperature  # PCL: also the mean concentration phi of eq. 12
     lr = hparams.pop("lr", lr)  # a row's own learning rate where the shared one diverges
     if name == "pcl":
         hparams["warmup_epochs"] = max(1, epochs // 10)  # the paper's 20 of 200
@@ -120,6 +123,8 @@ def main() -> None:
     p.add_argument("--nredo", type=int, default=5, help="k-means restarts per granularity (E-step)")
     p.add_argument("--bn-splits", type=int, default=None,
                    help="MoCo/PCL: BatchNorm slices per batch, the keys' shuffled (default the row's)")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="the loss temperature of every row that has one (default the row's)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--data-root", default=FASHION_MNIST_ROOT)
     p.add_argument("--limit", type=int, default=None, help="train on the first N images only")
@@ -131,7 +136,8 @@ def main() -> None:
         train = train.subset(torch.arange(args.limit))
     print(f"Fashion-MNIST: {len(train)} train / {len(test)} test, {torch.get_num_threads()} threads, "
           f"batch {args.batch_size}, {args.epochs} epochs per method, {args.precision}, {args.backbone}, "
-          f"{args.device}, k-means nredo {args.nredo}, bn splits {args.bn_splits or 'row default'}")
+          f"{args.device}, k-means nredo {args.nredo}, bn splits {args.bn_splits or 'row default'}, "
+          f"temperature {args.temperature or 'row default'}")
 
     rows: dict[str, dict[str, float]] = {}
     flat = lambda x: x.images.reshape(len(x), -1).float().div(255).numpy()  # noqa: E731
@@ -141,7 +147,7 @@ def main() -> None:
         rows[name] = run_method(name, train, test, args.epochs, args.batch_size, args.lr,
                                 args.num_clusters, args.seed, args.crop_min_scale,
                                 args.precision, args.backbone, args.nredo, args.device,
-                                args.bn_splits)
+                                args.bn_splits, args.temperature)
         r = rows[name]  # each row as it finishes, so an interrupted run keeps what it measured
         print(f"  {name} done: kNN {r['knn']:.4f} linear {r['linear']:.4f} AMI {r['ami']:.4f} "
               f"({r['epoch_s']:.0f} s/epoch)", flush=True)
