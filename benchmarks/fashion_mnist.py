@@ -74,10 +74,12 @@ def run_method(row: str, train, test, epochs: int, batch_size: int, lr: float,
                temperature: float | None = None) -> dict[str, float]:
     torch.manual_seed(seed)
     name, hparams = ROWS[row][0], dict(ROWS[row][1])
-    if bn_splits is not None and "bn_splits" in hyperparameters(name):
-        hparams["bn_splits"] = bn_splits
-    if temperature is not None and "temperature" in hyperparameters(name):
-        hparams["temperature"] = temperature  # PCL: also the mean concentration phi of eq. 12
+    # command-line overrides, for the rows whose method has the setting (for PCL the temperature
+    # is also the mean concentration phi of eq. 12)
+    known = hyperparameters(name)
+    hparams.update({key: value for key, value in {"bn_splits": bn_splits,
+                                                  "temperature": temperature}.items()
+                    if value is not None and key in known})
     lr = hparams.pop("lr", lr)  # a row's own learning rate where the shared one diverges
     if name == "pcl":
         hparams["warmup_epochs"] = max(1, epochs // 10)  # the paper's 20 of 200
