@@ -53,7 +53,8 @@ class DataConfig(Section):
 
 
 class ModelConfig(Section):
-    backbone: Literal["convnet", "convnet_wide", "resnet18", "resnet50", "vit_tiny"] = "convnet"
+    backbone: Literal["convnet", "convnet_wide", "convnet_1024", "resnet18", "resnet50",
+                      "vit_tiny"] = "convnet"
 
 
 CHOICES = {"contrast_mode": ("all", "one"), "sub_network": ("fc", "same")}
