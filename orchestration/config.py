@@ -14,6 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from methods.backbones import BACKBONES
 from methods.momentum import check_bn_splits
 from methods.registry import available, hyperparameters, is_two_view
 
@@ -53,8 +54,7 @@ class DataConfig(Section):
 
 
 class ModelConfig(Section):
-    backbone: Literal["convnet", "convnet_wide", "convnet_1024", "resnet18", "resnet50",
-                      "vit_tiny"] = "convnet"
+    backbone: Literal[BACKBONES] = "convnet"  # the names build_backbone knows, kept in one place
 
 
 CHOICES = {"contrast_mode": ("all", "one"), "sub_network": ("fc", "same")}
