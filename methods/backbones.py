@@ -37,17 +37,24 @@ class ConvNet(nn.Module):
             _conv_block(chans[i], chans[i + 1], pool=i < len(widths) - 1) for i in range(len(widths))
         )
         self.feature_dim = widths[-1]
+        # channels_last weights and inputs (NHWC): oneDNN's NCHW max-pool runs 7-10x slower than
+        # its NHWC one, and the convolutions gain too. Measured for a PCL step of this net on 2
+        # cores, 8 BatchNorm slices: 223 -> 160 ms in bf16, 245 -> 214 ms in fp32; the E-step's
+        # encoding of 60,000 images 16.8 -> 8.4 s (README, channels_last). Converting only the
+        # input is not enough: a 1-channel image is NCHW and NHWC at once, so the weights decide.
+        self.to(memory_format=torch.channels_last)
 
     def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Every stage's feature map, for multi-exit methods (SelfCon)."""
         maps = []
+        x = x.contiguous(memory_format=torch.channels_last)
         for stage in self.stages:
             x = stage(x)
             maps.append(x)
         return maps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # contiguous (NCHW), not channels_last: measured ~10% faster on CPU for this net
+        x = x.contiguous(memory_format=torch.channels_last)
         for stage in self.stages:
             x = stage(x)
         return x.mean(dim=(2, 3))

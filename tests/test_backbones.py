@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from methods.backbones import build_backbone
+from methods.momentum import momentum_copy
 
 
 @pytest.mark.parametrize("name, dim", [("convnet", 256), ("convnet_wide", 512), ("convnet_1024", 1024)])
@@ -17,3 +18,32 @@ def test_convnets_pool_to_their_feature_dim(name: str, dim: int, size: int) -> N
 def test_unknown_backbone_lists_the_choices() -> None:
     with pytest.raises(ValueError, match="convnet_1024"):
         build_backbone("convnet_2048", 1, 28)
+
+
+def _conv_weights(net: torch.nn.Module) -> list[torch.Tensor]:
+    return [m.weight for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+
+
+def test_convnet_runs_channels_last_through_copies_and_checkpoints() -> None:
+    """The speed-up needs NHWC weights (a 1-channel input is NHWC already); a momentum encoder
+    and a reloaded checkpoint must keep them, and the result must equal the NCHW computation."""
+    net = build_backbone("convnet", 1, 28)
+    copy = momentum_copy(net)
+    reloaded = build_backbone("convnet", 1, 28)
+    reloaded.load_state_dict(net.state_dict())
+    for model in (net, copy, reloaded):
+        assert all(w.is_contiguous(memory_format=torch.channels_last) for w in _conv_weights(model))
+    nchw = build_backbone("convnet", 1, 28)
+    nchw.load_state_dict(net.state_dict())
+    for w in _conv_weights(nchw):
+        w.data = w.data.contiguous()
+    x = torch.randn(4, 1, 28, 28)
+    out = net(x)
+    assert out.shape == (4, 256)
+    torch.testing.assert_close(out, _nchw_forward(nchw, x), rtol=1e-4, atol=1e-5)
+
+
+def _nchw_forward(net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    for stage in net.stages:
+        x = stage(x.contiguous())
+    return x.mean(dim=(2, 3))
