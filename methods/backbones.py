@@ -38,10 +38,10 @@ class ConvNet(nn.Module):
         )
         self.feature_dim = widths[-1]
         # channels_last weights and inputs (NHWC): oneDNN's NCHW max-pool runs 7-10x slower than
-        # its NHWC one, and the convolutions gain too. Measured for a PCL step of this net on 2
-        # cores, 8 BatchNorm slices: 223 -> 160 ms in bf16, 245 -> 214 ms in fp32; the E-step's
-        # encoding of 60,000 images 16.8 -> 8.4 s (README, channels_last). Converting only the
-        # input is not enough: a 1-channel image is NCHW and NHWC at once, so the weights decide.
+        # its NHWC one, and the convolutions gain too. benchmarks/memory_format.py, a bf16 PCL
+        # step of this net on 2 cores: 252 -> 179 ms; the E-step's encoding of 60,000 images
+        # 14.3 -> 6.4 s. Converting only the input is not enough: a 1-channel image is NCHW and
+        # NHWC at once, so the weights decide.
         self.to(memory_format=torch.channels_last)
 
     def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
