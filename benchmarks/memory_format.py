@@ -28,6 +28,7 @@ import statistics
 import time
 
 import torch
+from fashion_mnist import ROWS  # the sibling benchmark (this script's directory)
 
 from methods.backbones import build_backbone
 from methods.clustering import run_kmeans
@@ -37,8 +38,7 @@ from methods.training import OptimConfig, encode, epoch_batches, make_optimizer,
 from methods.views import view_spec
 
 LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
-PCL = {"temperature": 0.2, "momentum": 0.99, "queue_size": 16384, "proj_hidden_dim": 512,
-       "num_negative_prototypes": 1000, "warmup_epochs": 0, "bn_splits": 8}
+PCL = {**ROWS["pcl"][1], "warmup_epochs": 0}  # fashion_mnist.py's row; prototypes from step one
 
 
 def measure(backbone: str, train, precision: str, steps: int, repeats: int) -> dict[str, dict]:

@@ -54,10 +54,7 @@ class ConvNet(nn.Module):
         return maps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.contiguous(memory_format=torch.channels_last)
-        for stage in self.stages:
-            x = stage(x)
-        return x.mean(dim=(2, 3))
+        return self.forward_stages(x)[-1].mean(dim=(2, 3))
 
 
 def _resnet(name: str, in_channels: int, small_images: bool) -> nn.Module:
