@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -137,18 +137,26 @@ def train_epoch(method: Method, dataset: ImageDataset, batches: Sequence[torch.T
 
 @torch.no_grad()
 def encode(fn: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, method: Method,
-           batch_size: int = 1024, device: str | torch.device = "cpu", precision: str = "fp32"
-           ) -> np.ndarray:
+           batch_size: int = 1024, device: str | torch.device = "cpu", precision: str = "fp32",
+           native_size: bool = False) -> np.ndarray:
     """``fn`` (e.g. ``method.embed``) over un-augmented images, in eval mode, as float32 numpy.
 
     ``precision="bf16"`` runs the forward under bfloat16 autocast, as the training step does: the
     E-step encodes every image each epoch, and in fp32 that took a third of a bf16 epoch (the
     wide net on 2 cores: 48.6 s of about 140; 35.6 s under bf16).
+
+    ``native_size=True`` feeds the images at their own side even when the views resize them
+    (``ViewSpec.size``): evaluation after training at a lower resolution. Random crops enlarge
+    objects, so a network trained on crops sees them larger than a same-size uncropped image
+    shows them; testing at a higher resolution than training compensates (Touvron et al. 2019,
+    FixRes, sec. 3). PCL trained on 20 px views of Fashion-MNIST scored 0.7 point more kNN at 28 px
+    than at 20 (README).
     """
+    spec = replace(method.views, size=None) if native_size else method.views
     was_training = method.training
     method.eval()
     with autocast_for(device, precision):
-        out = [fn(to_input(images[i : i + batch_size].to(device), method.views)).float().cpu()
+        out = [fn(to_input(images[i : i + batch_size].to(device), spec)).float().cpu()
                for i in range(0, len(images), batch_size)]
     method.train(was_training)
     return torch.cat(out).numpy()

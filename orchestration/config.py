@@ -41,6 +41,9 @@ class DataConfig(Section):
     limit: int | None = Field(None, ge=2, description="use only the first N training images")
     views: str = "small"  # a preset of methods.views.PRESETS
     crop_min_scale: float | None = Field(None, gt=0, le=1)
+    view_size: int | None = Field(None, ge=8, description="side the views and the E-step "
+                                  "resize images to (evaluation keeps the images' own); None: "
+                                  "the images' own")
     knn_holdout: int = Field(1000, ge=0, description="training images kept out for online kNN")
 
     @field_validator("views")
@@ -181,6 +184,9 @@ class ExperimentConfig(Section):
                              f"scaling.num_workers ({self.scaling.num_workers})")
         check_bn_splits(self.method.hparams.get("bn_splits", 1),
                         self.optim.batch_size // self.scaling.num_workers)
+        if self.data.view_size is not None and self.model.backbone == "vit_tiny":
+            raise ValueError("data.view_size: vit_tiny takes one input side, and evaluation feeds "
+                             "the images at their own; leave data.view_size unset for it")
         size = self.train_size()
         if size is not None:
             for k in self.clustering.num_clusters:

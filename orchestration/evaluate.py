@@ -54,8 +54,10 @@ def evaluate_checkpoint(checkpoint_file: Path, out_dir: Path, cfg: ExperimentCon
     method = make_method(cfg, splits.train.in_channels, splits.train.image_size)
     method.load_state_dict(state["model"])
     start = time.perf_counter()
-    train_x = encode(method.embed, splits.train.images, method)
-    test_x = encode(method.embed, test.images, method)
+    # the images' own side even where data.view_size trained on smaller views (FixRes); the
+    # prototype figures below stay in the space the E-step clustered, at the views' side
+    train_x = encode(method.embed, splits.train.images, method, native_size=True)
+    test_x = encode(method.embed, test.images, method, native_size=True)
     y_train, y_test = splits.train.labels.numpy(), test.labels.numpy()
     metrics = {f"test_{k}": v for k, v in evaluate(train_x, y_train, test_x, y_test, cfg.seed).items()}
     if with_pixels:

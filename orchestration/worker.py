@@ -140,8 +140,8 @@ def _online_knn(method, train, holdout, device) -> float:
     if len(holdout) == 0:
         return float("nan")
     bank = train.subset(torch.arange(min(KNN_BANK_SIZE, len(train))))
-    bank_x = encode(method.embed, bank.images, method, device=device)
-    hold_x = encode(method.embed, holdout.images, method, device=device)
+    bank_x = encode(method.embed, bank.images, method, device=device, native_size=True)
+    hold_x = encode(method.embed, holdout.images, method, device=device, native_size=True)
     return knn_accuracy(bank_x, bank.labels.numpy(), hold_x, holdout.labels.numpy(),
                         k=min(200, len(bank)))
 

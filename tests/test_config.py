@@ -63,6 +63,8 @@ INVALID = [
     (["data.crop_min_scale=0"], "crop_min_scale"),
     (["data.crop_min_scale=1.5"], "crop_min_scale"),
     (["data.limit=1"], "limit"),
+    (["data.view_size=4"], "view_size"),
+    (["data.view_size=20", "model.backbone=vit_tiny"], "view_size"),
     (["model.backbone=vgg"], "backbone"),
     (["nosection.x=1"], "nosection"),
     (["seed=abc"], "seed"),
@@ -190,3 +192,19 @@ def test_every_shipped_config_validates(path):
     user's ``ray job submit``."""
     cfg = load_config(path)
     assert cfg.method.name in registry.available()
+
+
+def test_view_size_resizes_training_views_and_evaluation_keeps_the_images_side():
+    import torch
+
+    from methods.training import encode
+    from methods.views import to_input
+    from orchestration.experiment import make_method
+
+    method = make_method(build_config(overrides=["data.view_size=20"]), 1, 28)
+    images = torch.randint(0, 256, (3, 1, 28, 28), dtype=torch.uint8)
+    assert method.view(images).shape[-2:] == (20, 20)
+    assert to_input(images, method.views).shape[-2:] == (20, 20)  # what the E-step encodes
+    side = encode(lambda x: x.new_full((len(x), 1), x.shape[-1]), images, method, native_size=True)
+    assert (side == 28).all()  # evaluation: the images' own side
+    assert make_method(build_config(), 1, 28).views.size == 28  # unset: the images' own side
