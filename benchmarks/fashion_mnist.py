@@ -13,6 +13,9 @@ methods with the same backbone, views, batch and schedule, so rows differ only b
     python benchmarks/fashion_mnist.py --methods simclr icl_msr supcon selfcon_s selfcon_m --epochs 4
     python benchmarks/fashion_mnist.py --methods supervised --epochs 20 --precision bf16
     python benchmarks/fashion_mnist.py --methods pcl --device cuda --backbone resnet18 --precision bf16
+    python benchmarks/fashion_mnist.py --methods pcl --weight-decay 1e-4 --set queue_size=4096
+
+MoCo and PCL rows are also scored on the momentum (key) encoder's backbone.
 
 The last line is JSON with the headline figures.
 """
@@ -20,6 +23,7 @@ The last line is JSON with the headline figures.
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import time
 
@@ -72,7 +76,8 @@ def run_method(row: str, train, test, epochs: int, batch_size: int, lr: float,
                precision: str = "fp32", backbone: str = "convnet", nredo: int = 5,
                device: str = "cpu", bn_splits: int | None = None,
                temperature: float | None = None, view_size: int = 28,
-               save: str | None = None) -> dict[str, float]:
+               save: str | None = None, weight_decay: float = 5e-4,
+               extra: dict | None = None) -> dict[str, float]:
     torch.manual_seed(seed)
     name, hparams = ROWS[row][0], dict(ROWS[row][1])
     # command-line overrides, for the rows whose method has the setting (for PCL the temperature
@@ -81,6 +86,11 @@ def run_method(row: str, train, test, epochs: int, batch_size: int, lr: float,
     hparams.update({key: value for key, value in {"bn_splits": bn_splits,
                                                   "temperature": temperature}.items()
                     if value is not None and key in known})
+    unknown = set(extra or {}) - set(known)
+    if unknown:
+        raise SystemExit(f"--set {sorted(unknown)}: not hyperparameters of {name!r}; "
+                         f"it takes {sorted(known)}")
+    hparams.update(extra or {})
     lr = hparams.pop("lr", lr)  # a row's own learning rate where the shared one diverges
     if name == "pcl":
         hparams["warmup_epochs"] = max(1, epochs // 10)  # the paper's 20 of 200
@@ -89,7 +99,8 @@ def run_method(row: str, train, test, epochs: int, batch_size: int, lr: float,
     method = build_method(name, build_backbone(backbone, 1, 28), views,
                           seed=seed, **hparams)
     start = time.perf_counter()
-    history = fit(method, train, epochs, batch_size, OptimConfig(lr=lr, precision=precision), num_clusters,
+    history = fit(method, train, epochs, batch_size, OptimConfig(lr=lr, weight_decay=weight_decay,
+                                                               precision=precision), num_clusters,
                   kmeans_temperature=hparams.get("temperature", 0.2), seed=seed, nredo=nredo,
                   device=device, on_epoch_end=lambda e, m: print(f"  {row} epoch {e}: loss {m['loss']:.3f} "
                                                   f"({m['epoch_s']:.0f}s)", flush=True))
@@ -109,6 +120,11 @@ def run_method(row: str, train, test, epochs: int, batch_size: int, lr: float,
         per_exit = linear_probe_exits({e: v[0] for e, v in exits.items()}, train.labels.numpy(),
                                       {e: v[1] for e, v in exits.items()}, test.labels.numpy(), seed=seed)
         scores.update({f"linear_{e}": v for e, v in per_exit.items()})
+    if hasattr(method, "encoder_k"):  # MoCo/PCL: the momentum (key) encoder's backbone too
+        key_backbone = method.encoder_k[0].eval()
+        key_scores = evaluate(features(key_backbone, train.images), train.labels.numpy(),
+                              features(key_backbone, test.images), test.labels.numpy(), seed)
+        scores.update({f"{c}_key": key_scores[c] for c in ("knn", "linear", "ami")})
     return {**scores, "epochs": epochs, "train_min": train_s / 60,
             "epoch_s": float(np.median([h["epoch_s"] for h in history]))}
 
@@ -139,7 +155,16 @@ def main() -> None:
     p.add_argument("--data-root", default=FASHION_MNIST_ROOT)
     p.add_argument("--limit", type=int, default=None, help="train on the first N images only")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="override a row's hyperparameter, e.g. --set queue_size=4096 momentum=0.996")
     args = p.parse_args()
+    extra = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            p.error(f"--set {item!r}: expected KEY=VALUE")
+        extra[key] = ast.literal_eval(value)
 
     train, test = load_fashion_mnist(args.data_root, "train"), load_fashion_mnist(args.data_root, "test")
     if args.limit:
@@ -147,7 +172,8 @@ def main() -> None:
     print(f"Fashion-MNIST: {len(train)} train / {len(test)} test, {torch.get_num_threads()} threads, "
           f"batch {args.batch_size}, {args.epochs} epochs per method, {args.precision}, {args.backbone}, "
           f"{args.device}, k-means nredo {args.nredo}, bn splits {args.bn_splits or 'row default'}, "
-          f"temperature {args.temperature or 'row default'}, views {args.view_size} px")
+          f"temperature {args.temperature or 'row default'}, views {args.view_size} px, "
+          f"weight decay {args.weight_decay}, overrides {extra or 'none'}")
 
     rows: dict[str, dict[str, float]] = {}
     flat = lambda x: x.images.reshape(len(x), -1).float().div(255).numpy()  # noqa: E731
@@ -157,7 +183,8 @@ def main() -> None:
         rows[name] = run_method(name, train, test, args.epochs, args.batch_size, args.lr,
                                 args.num_clusters, args.seed, args.crop_min_scale,
                                 args.precision, args.backbone, args.nredo, args.device,
-                                args.bn_splits, args.temperature, args.view_size, args.save)
+                                args.bn_splits, args.temperature, args.view_size, args.save,
+                                args.weight_decay, extra)
         r = rows[name]  # each row as it finishes, so an interrupted run keeps what it measured
         print(f"  {name} done: kNN {r['knn']:.4f} linear {r['linear']:.4f} AMI {r['ami']:.4f} "
               f"({r['epoch_s']:.0f} s/epoch)", flush=True)
@@ -172,6 +199,10 @@ def main() -> None:
                 for c in ("knn", "linear", "ami")}
     headline.update({f"{n}_epoch_s": round(r["epoch_s"], 1) for n, r in rows.items() if "epoch_s" in r})
     for name, r in rows.items():
+        if "knn_key" in r:
+            print(f"{name}: key encoder kNN {r['knn_key']:.4f} linear {r['linear_key']:.4f} "
+                  f"AMI {r['ami_key']:.4f}")
+            headline.update({f"{name}_{c}_key": round(r[f"{c}_key"], 4) for c in ("knn", "linear", "ami")})
         for key in ("linear_sub", "linear_ensemble"):
             if key in r:
                 print(f"{name}: {key.replace('_', ' ')} {r[key]:.4f} (backbone exit {r['linear']:.4f})")
