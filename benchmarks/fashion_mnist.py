@@ -74,7 +74,7 @@ def run_method(row: str, train, test, epochs: int, batch_size: int, lr: float,
                precision: str = "fp32", backbone: str = "convnet", nredo: int = 5,
                device: str = "cpu", bn_splits: int | None = None,
                temperature: float | None = None, view_size: int = 28,
-               save: str | None = None, weight_decay: float = 5e-4,
+               save: str | None = None, weight_decay: float = OptimConfig.weight_decay,
                extra: dict | None = None) -> dict[str, float]:
     torch.manual_seed(seed)
     name, hparams = ROWS[row][0], dict(ROWS[row][1])
@@ -144,7 +144,7 @@ def main() -> None:
     p.add_argument("--data-root", default=FASHION_MNIST_ROOT)
     p.add_argument("--limit", type=int, default=None, help="train on the first N images only")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--weight-decay", type=float, default=OptimConfig.weight_decay)
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                    help="override a row's hyperparameter, e.g. --set queue_size=4096 momentum=0.996")
     args = p.parse_args()
