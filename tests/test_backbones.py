@@ -7,7 +7,8 @@ from methods.backbones import build_backbone
 from methods.momentum import momentum_copy
 
 
-@pytest.mark.parametrize("name, dim", [("convnet", 256), ("convnet_wide", 512), ("convnet_1024", 1024)])
+@pytest.mark.parametrize("name, dim", [("convnet", 256), ("convnet_wide", 512), ("convnet_1024", 1024),
+                                       ("convnet_wide_1024", 1024)])
 @pytest.mark.parametrize("size", [8, 28])
 def test_convnets_pool_to_their_feature_dim(name: str, dim: int, size: int) -> None:
     net = build_backbone(name, 1, size)
