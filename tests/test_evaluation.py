@@ -88,6 +88,25 @@ def test_cluster_scores_separable():
     assert shuffled["ami"] < 0.05
 
 
+def test_cluster_scores_are_the_median_over_kmeans_seeds():
+    """Unstructured points, so each k-means seed lands in its own partition and a single run's
+    AMI would differ from the median."""
+    from sklearn.metrics import adjusted_mutual_info_score
+
+    from methods.clustering import run_kmeans
+
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(120, 4)).astype(np.float32)
+    y = rng.integers(0, 6, size=120)
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    single = [adjusted_mutual_info_score(y, run_kmeans(unit, [6], seed=s, nredo=3).assignments[0])
+              for s in range(7, 12)]
+    assert len(set(np.round(single, 6))) > 1  # the seeds disagree, so the check below can fail
+    assert cluster_scores(x, y, seed=7)["ami"] == pytest.approx(float(np.median(single)))
+    with pytest.raises(ValueError, match="repeats"):
+        cluster_scores(x, y, repeats=0)
+
+
 def test_evaluate_keys():
     train, train_y = _blobs(30, seed=0)
     test, test_y = _blobs(15, seed=1)
