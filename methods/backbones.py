@@ -106,7 +106,8 @@ def build_backbone(name: str, in_channels: int, image_size: int) -> nn.Module:
     if name == "convnet_wide_1024":
         # The wide net with a 1024-channel last block, for the linear probe: on 20 px views that
         # block runs on a 2x2 map, so a bf16 step of 256 images costs about the same as
-        # ``convnet_wide``'s (0.18 s each on 2 cores; a 2048-channel block: 0.26 s).
+        # ``convnet_wide``'s (0.18 s each on 2 cores; a 2048-channel block: 0.26 s). Measured with
+        # PCL, 46 epochs: linear 0.9043 against the 512-channel block's 0.9059 (README).
         return ConvNet(in_channels, widths=(64, 128, 256, 1024))
     if name in ("resnet18", "resnet50"):
         return _resnet(name, in_channels, small_images=image_size < 64)
