@@ -75,7 +75,7 @@ def run_method(row: str, train, test, epochs: int, batch_size: int, lr: float,
                device: str = "cpu", bn_splits: int | None = None,
                temperature: float | None = None, view_size: int = 28,
                save: str | None = None, weight_decay: float = OptimConfig.weight_decay,
-               extra: dict | None = None) -> dict[str, float]:
+               extra: dict | None = None, warmup_epochs: int = 0) -> dict[str, float]:
     torch.manual_seed(seed)
     name, hparams = ROWS[row][0], dict(ROWS[row][1])
     # command-line overrides, for the rows whose method has the setting (for PCL the temperature
@@ -94,7 +94,8 @@ def run_method(row: str, train, test, epochs: int, batch_size: int, lr: float,
                           seed=seed, **hparams)
     start = time.perf_counter()
     history = fit(method, train, epochs, batch_size, OptimConfig(lr=lr, weight_decay=weight_decay,
-                                                               precision=precision), num_clusters,
+                                                               precision=precision,
+                                                               warmup_epochs=warmup_epochs), num_clusters,
                   kmeans_temperature=hparams.get("temperature", 0.2), seed=seed, nredo=nredo,
                   device=device, on_epoch_end=lambda e, m: print(f"  {row} epoch {e}: loss {m['loss']:.3f} "
                                                   f"({m['epoch_s']:.0f}s)", flush=True))
@@ -145,6 +146,8 @@ def main() -> None:
     p.add_argument("--limit", type=int, default=None, help="train on the first N images only")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--weight-decay", type=float, default=OptimConfig.weight_decay)
+    p.add_argument("--warmup-epochs", type=int, default=0,
+                   help="epochs of linear learning-rate warm-up before the cosine decay (for large lr)")
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                    help="override a row's hyperparameter, e.g. --set queue_size=4096 momentum=0.996")
     args = p.parse_args()
@@ -170,7 +173,8 @@ def main() -> None:
           f"batch {args.batch_size}, {args.epochs} epochs per method, {args.precision}, {args.backbone}, "
           f"{args.device}, k-means nredo {args.nredo}, bn splits {args.bn_splits or 'row default'}, "
           f"temperature {args.temperature or 'row default'}, views {args.view_size} px, "
-          f"weight decay {args.weight_decay}, overrides {extra or 'none'}")
+          f"weight decay {args.weight_decay}, lr {args.lr} (warm-up {args.warmup_epochs} epochs), "
+          f"overrides {extra or 'none'}")
 
     rows: dict[str, dict[str, float]] = {}
     flat = lambda x: x.images.reshape(len(x), -1).float().div(255).numpy()  # noqa: E731
@@ -181,7 +185,7 @@ def main() -> None:
                                 args.num_clusters, args.seed, args.crop_min_scale,
                                 args.precision, args.backbone, args.nredo, args.device,
                                 args.bn_splits, args.temperature, args.view_size, args.save,
-                                args.weight_decay, extra)
+                                args.weight_decay, extra, args.warmup_epochs)
         r = rows[name]  # each row as it finishes, so an interrupted run keeps what it measured
         print(f"  {name} done: kNN {r['knn']:.4f} linear {r['linear']:.4f} AMI {r['ami']:.4f} "
               f"({r['epoch_s']:.0f} s/epoch)", flush=True)
