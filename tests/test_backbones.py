@@ -8,12 +8,22 @@ from methods.momentum import momentum_copy
 
 
 @pytest.mark.parametrize("name, dim", [("convnet", 256), ("convnet_wide", 512), ("convnet_1024", 1024),
-                                       ("convnet_wide_1024", 1024)])
+                                       ("convnet_wide_1024", 1024), ("convnet_wide_signed", 512)])
 @pytest.mark.parametrize("size", [8, 28])
 def test_convnets_pool_to_their_feature_dim(name: str, dim: int, size: int) -> None:
     net = build_backbone(name, 1, size)
     assert net.feature_dim == dim
     assert net(torch.randn(3, 1, size, size)).shape == (3, dim)
+
+
+def test_signed_convnet_drops_only_the_last_relu() -> None:
+    """Its pooled feature takes negative values; the wide net's, after ReLU, never does."""
+    x = torch.randn(8, 1, 28, 28)
+    assert (build_backbone("convnet_wide", 1, 28)(x) >= 0).all()
+    signed = build_backbone("convnet_wide_signed", 1, 28)
+    assert (signed(x) < 0).any()
+    relus = [m for m in signed.modules() if isinstance(m, torch.nn.ReLU)]
+    assert len(relus) == 3
 
 
 def test_unknown_backbone_lists_the_choices() -> None:
