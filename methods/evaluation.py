@@ -33,32 +33,65 @@ def knn_accuracy(train: np.ndarray, train_labels: np.ndarray, test: np.ndarray,
     return float((torch.cat(preds).numpy() == np.asarray(test_labels)).mean())
 
 
-def linear_probe_accuracy(train: np.ndarray, train_labels: np.ndarray, test: np.ndarray,
-                          test_labels: np.ndarray, max_iter: int = 200, seed: int = 0) -> float:
-    """Multinomial logistic regression on frozen, standardised features (scikit-learn)."""
+# Inverse L2 strengths the linear probe chooses from on a held-out tenth of the training split:
+# the regularisation is selected on validation data, as in the logistic-regression protocol of
+# Kornblith et al. 2019 ("Do Better ImageNet Models Transfer Better?") that SimCLR's linear
+# evaluation follows, on a coarse grid to keep the probe to minutes on 2 cores. C=10 was never
+# chosen on Fashion-MNIST (PCL features or raw pixels) and is the slowest fit, so it is not here.
+PROBE_C = (0.01, 0.1, 1.0)
+
+
+def _probe(c: float, max_iter: int, seed: int):
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=max_iter, C=1.0,
-                                                             random_state=seed))
-    clf.fit(train, train_labels)
-    return float(clf.score(test, test_labels))
+    return make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=max_iter,
+                                                              random_state=seed))
+
+
+def select_probe_c(train: np.ndarray, train_labels: np.ndarray, cs: tuple[float, ...] = PROBE_C,
+                   max_iter: int = 1000, seed: int = 0, val_fraction: float = 0.1
+                   ) -> tuple[float, dict[float, float]]:
+    """The C of ``cs`` with the best accuracy on a held-out ``val_fraction`` of the training split
+    (stratified when every class has two images), and every C's validation accuracy. Why: one
+    fixed C under- or over-regularises depending on the feature width and the training-set size,
+    and the test split must not choose it. Ties go to the smaller C, the stronger prior."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import train_test_split
+    from sklearn.preprocessing import StandardScaler
+
+    counts = np.bincount(np.asarray(train_labels))
+    stratify = train_labels if counts[counts > 0].min() >= 2 else None
+    fit_x, val_x, fit_y, val_y = train_test_split(train, train_labels, test_size=val_fraction,
+                                                  random_state=seed, stratify=stratify)
+    scaler = StandardScaler().fit(fit_x)
+    fit_x, val_x = scaler.transform(fit_x), scaler.transform(val_x)
+    # weakest prior last, each fit starting from the previous solution (2.5x faster on PCL features)
+    clf = LogisticRegression(max_iter=max_iter, random_state=seed, warm_start=True)
+    scores = {c: float(clf.set_params(C=c).fit(fit_x, fit_y).score(val_x, val_y))
+              for c in sorted(cs)}
+    return max(scores, key=lambda c: (scores[c], -c)), scores
+
+
+def linear_probe_accuracy(train: np.ndarray, train_labels: np.ndarray, test: np.ndarray,
+                          test_labels: np.ndarray, max_iter: int = 1000, seed: int = 0,
+                          cs: tuple[float, ...] = PROBE_C) -> float:
+    """Multinomial logistic regression on frozen, standardised features (scikit-learn), its C
+    chosen on validation (``select_probe_c``), then refit on the whole training split."""
+    c = select_probe_c(train, train_labels, cs, max_iter, seed)[0] if len(cs) > 1 else cs[0]
+    return float(_probe(c, max_iter, seed).fit(train, train_labels).score(test, test_labels))
 
 
 def linear_probe_exits(train: dict[str, np.ndarray], train_labels: np.ndarray,
-                       test: dict[str, np.ndarray], test_labels: np.ndarray, max_iter: int = 200,
-                       seed: int = 0) -> dict[str, float]:
+                       test: dict[str, np.ndarray], test_labels: np.ndarray, max_iter: int = 1000,
+                       seed: int = 0, cs: tuple[float, ...] = PROBE_C) -> dict[str, float]:
     """Linear accuracy of each exit of a multi-exit encoder (SelfCon) and of their ensemble, the
     mean of the exits' classifier logits (as the SelfCon authors evaluate)."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
     out, logits = {}, []
     for name in train:
-        clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=max_iter, random_state=seed))
-        clf.fit(train[name], train_labels)
+        c = select_probe_c(train[name], train_labels, cs, max_iter, seed)[0] if len(cs) > 1 else cs[0]
+        clf = _probe(c, max_iter, seed).fit(train[name], train_labels)
         out[name] = float(clf.score(test[name], test_labels))
         logits.append(clf.decision_function(test[name]))
     classes = clf.classes_

@@ -12,6 +12,7 @@ from methods.evaluation import (
     knn_accuracy,
     linear_probe_accuracy,
     linear_probe_exits,
+    select_probe_c,
 )
 
 
@@ -58,6 +59,26 @@ def test_linear_probe_separable():
     noise = rng.normal(size=(400, 16))
     acc = linear_probe_accuracy(noise[:200], rng.integers(0, 4, 200), noise[200:], rng.integers(0, 4, 200))
     assert acc < 0.45
+
+
+def test_probe_regularisation_is_chosen_on_validation():
+    """One informative feature among 300 noise features and 600 training images: the probe
+    overfits at C=1, the held-out tenth picks the strongest prior, and the test split (never
+    seen by the choice) agrees."""
+    rng = np.random.default_rng(0)
+
+    def data(n):
+        y = rng.integers(0, 2, n)
+        x = rng.normal(size=(n, 300))
+        x[:, 0] += 2 * y - 1
+        return x.astype(np.float32), y
+
+    train, train_y = data(600)
+    test, test_y = data(2000)
+    chosen, scores = select_probe_c(train, train_y)
+    assert chosen == 0.01 and scores[0.01] > scores[1.0]
+    selected = linear_probe_accuracy(train, train_y, test, test_y)
+    assert selected > linear_probe_accuracy(train, train_y, test, test_y, cs=(1.0,)) + 0.02
 
 
 def test_linear_probe_exits_and_their_ensemble():
