@@ -54,17 +54,20 @@ def select_probe_c(train: np.ndarray, train_labels: np.ndarray, cs: tuple[float,
                    max_iter: int = 1000, seed: int = 0, val_fraction: float = 0.1
                    ) -> tuple[float, dict[float, float]]:
     """The C of ``cs`` with the best accuracy on a held-out ``val_fraction`` of the training split
-    (stratified when every class has two images), and every C's validation accuracy. Why: one
-    fixed C under- or over-regularises depending on the feature width and the training-set size,
-    and the test split must not choose it. Ties go to the smaller C, the stronger prior."""
+    (stratified), and every C's validation accuracy. Why: one fixed C under- or over-regularises
+    depending on the feature width and the training-set size, and the test split must not choose
+    it. Ties go to the smaller C, the stronger prior. A split too small to hold out an image of
+    every class and keep one (tiny test data) gets scikit-learn's default C=1 and no scores."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import train_test_split
     from sklearn.preprocessing import StandardScaler
 
     counts = np.bincount(np.asarray(train_labels))
-    stratify = train_labels if counts[counts > 0].min() >= 2 else None
+    counts = counts[counts > 0]
+    if counts.min() < 2 or int(np.ceil(val_fraction * len(train_labels))) < len(counts):
+        return 1.0, {}
     fit_x, val_x, fit_y, val_y = train_test_split(train, train_labels, test_size=val_fraction,
-                                                  random_state=seed, stratify=stratify)
+                                                  random_state=seed, stratify=train_labels)
     scaler = StandardScaler().fit(fit_x)
     fit_x, val_x = scaler.transform(fit_x), scaler.transform(val_x)
     # weakest prior last, each fit starting from the previous solution (2.5x faster on PCL features)

@@ -79,6 +79,10 @@ def test_probe_regularisation_is_chosen_on_validation():
     assert chosen == 0.01 and scores[0.01] > scores[1.0]
     selected = linear_probe_accuracy(train, train_y, test, test_y)
     assert selected > linear_probe_accuracy(train, train_y, test, test_y, cs=(1.0,)) + 0.02
+    # a class of one image, or a tenth smaller than the classes: the default C, no scores
+    assert select_probe_c(train[:5], np.array([0, 0, 1, 1, 2])) == (1.0, {})
+    assert select_probe_c(train[:40], np.arange(40) % 5) == (1.0, {})
+    assert select_probe_c(train[:50], np.arange(50) % 5)[1]  # 5 held out: one of each class
 
 
 def test_linear_probe_exits_and_their_ensemble():
