@@ -82,8 +82,13 @@ def linear_probe_accuracy(train: np.ndarray, train_labels: np.ndarray, test: np.
                           cs: tuple[float, ...] = PROBE_C) -> float:
     """Multinomial logistic regression on frozen, standardised features (scikit-learn), its C
     chosen on validation (``select_probe_c``), then refit on the whole training split."""
+    return float(_fit_probe(train, train_labels, cs, max_iter, seed).score(test, test_labels))
+
+
+def _fit_probe(train: np.ndarray, train_labels: np.ndarray, cs: tuple[float, ...], max_iter: int,
+               seed: int):
     c = select_probe_c(train, train_labels, cs, max_iter, seed)[0] if len(cs) > 1 else cs[0]
-    return float(_probe(c, max_iter, seed).fit(train, train_labels).score(test, test_labels))
+    return _probe(c, max_iter, seed).fit(train, train_labels)
 
 
 def linear_probe_exits(train: dict[str, np.ndarray], train_labels: np.ndarray,
@@ -93,8 +98,7 @@ def linear_probe_exits(train: dict[str, np.ndarray], train_labels: np.ndarray,
     mean of the exits' classifier logits (as the SelfCon authors evaluate)."""
     out, logits = {}, []
     for name in train:
-        c = select_probe_c(train[name], train_labels, cs, max_iter, seed)[0] if len(cs) > 1 else cs[0]
-        clf = _probe(c, max_iter, seed).fit(train[name], train_labels)
+        clf = _fit_probe(train[name], train_labels, cs, max_iter, seed)
         out[name] = float(clf.score(test[name], test_labels))
         logits.append(clf.decision_function(test[name]))
     classes = clf.classes_
