@@ -41,7 +41,7 @@ def split_batch_forward(encoder: nn.Module, x: torch.Tensor, splits: int,
     into other slices than their queries breaks that link, as the per-GPU batches of the paper's
     8-GPU run do; the same code then runs per rank under DDP. MoCo slices its queries too (in
     order): on Fashion-MNIST, shuffled key slices with whole-batch queries changed nothing
-    (README, four-epoch screens).
+    (benchmarks/PCL_FASHION_MNIST.md, four-epoch screens).
     """
     check_bn_splits(splits, len(x))
     if splits == 1:

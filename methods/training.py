@@ -150,7 +150,7 @@ def encode(fn: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, met
     objects, so a network trained on crops sees them larger than a same-size uncropped image
     shows them; testing at a higher resolution than training compensates (Touvron et al. 2019,
     FixRes, sec. 3). PCL trained on 20 px views of Fashion-MNIST scored 0.7 point more kNN at 28 px
-    than at 20 (README).
+    than at 20 (benchmarks/PCL_FASHION_MNIST.md).
     """
     spec = replace(method.views, size=None) if native_size else method.views
     was_training = method.training
