@@ -122,8 +122,7 @@ def build_backbone(name: str, in_channels: int, image_size: int) -> nn.Module:
         # training image at cosine 0.967 on average, the 200th at 0.916), which flattens the
         # k=200 kNN vote, and centring them at evaluation gained 0.7 kNN points. Measured with
         # PCL, 44 epochs: the cone widens (0.943 and 0.845) but kNN stays 0.8557, as the share of
-        # same-class neighbours does not change
-        # (benchmarks/PCL_FASHION_MNIST.md).
+        # same-class neighbours does not change (benchmarks/PCL_FASHION_MNIST.md).
         return ConvNet(in_channels, widths=(64, 128, 256, 512), final_relu=False)
     if name in ("resnet18", "resnet50"):
         return _resnet(name, in_channels, small_images=image_size < 64)
