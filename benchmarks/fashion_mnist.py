@@ -75,7 +75,8 @@ def run_method(row: str, train, test, epochs: int, batch_size: int, lr: float,
                device: str = "cpu", bn_splits: int | None = None,
                temperature: float | None = None, view_size: int = 28,
                save: str | None = None, weight_decay: float = OptimConfig.weight_decay,
-               extra: dict | None = None, warmup_epochs: int = 0) -> dict[str, float]:
+               extra: dict | None = None, warmup_epochs: int = 0,
+               blur_p: float | None = None) -> dict[str, float]:
     torch.manual_seed(seed)
     name, hparams = ROWS[row][0], dict(ROWS[row][1])
     # command-line overrides, for the rows whose method has the setting (for PCL the temperature
@@ -89,6 +90,8 @@ def run_method(row: str, train, test, epochs: int, batch_size: int, lr: float,
     if name == "pcl":
         hparams["warmup_epochs"] = max(1, epochs // 10)  # the paper's 20 of 200
     overrides = {} if crop_min_scale is None else {"crop_scale": (crop_min_scale, 1.0)}
+    if blur_p is not None:
+        overrides["blur_p"] = blur_p
     views = view_spec("small", size=view_size, **overrides)
     method = build_method(name, build_backbone(backbone, 1, 28), views,
                           seed=seed, **hparams)
@@ -128,6 +131,9 @@ def main() -> None:
     p.add_argument("--num-clusters", type=int, nargs="+", default=[50, 100, 200])
     p.add_argument("--crop-min-scale", type=float, default=None,
                    help="smallest crop area of the 'small' views (default theirs, 0.3)")
+    p.add_argument("--blur-p", type=float, default=None,
+                   help="probability of the Gaussian blur (3 px kernel at 20..28 px, sigma "
+                        "0.1..2) in the 'small' views (default theirs, 0)")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                    help="bf16: forward under bfloat16 autocast")
     p.add_argument("--backbone", default="convnet", choices=list(BACKBONES),
@@ -174,7 +180,7 @@ def main() -> None:
           f"{args.device}, k-means nredo {args.nredo}, bn splits {args.bn_splits or 'row default'}, "
           f"temperature {args.temperature or 'row default'}, views {args.view_size} px, "
           f"weight decay {args.weight_decay}, lr {args.lr} (warm-up {args.warmup_epochs} epochs), "
-          f"overrides {extra or 'none'}")
+          f"blur p {args.blur_p if args.blur_p is not None else 'preset'}, overrides {extra or 'none'}")
 
     rows: dict[str, dict[str, float]] = {}
     flat = lambda x: x.images.reshape(len(x), -1).float().div(255).numpy()  # noqa: E731
@@ -185,7 +191,7 @@ def main() -> None:
                                 args.num_clusters, args.seed, args.crop_min_scale,
                                 args.precision, args.backbone, args.nredo, args.device,
                                 args.bn_splits, args.temperature, args.view_size, args.save,
-                                args.weight_decay, extra, args.warmup_epochs)
+                                args.weight_decay, extra, args.warmup_epochs, args.blur_p)
         r = rows[name]  # each row as it finishes, so an interrupted run keeps what it measured
         print(f"  {name} done: kNN {r['knn']:.4f} linear {r['linear']:.4f} AMI {r['ami']:.4f} "
               f"({r['epoch_s']:.0f} s/epoch)", flush=True)
