@@ -7,7 +7,7 @@ import pytest
 import torch
 from torchvision.transforms import v2
 
-from methods.views import PRESETS, ViewSpec, augment, to_input, view_spec
+from methods.views import PRESETS, ViewSpec, augment, gaussian_blur, to_input, view_spec
 
 NO_AUG = dict(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip_p=0.0, jitter_p=0.0, grayscale_p=0.0,
               blur_p=0.0)
@@ -170,3 +170,27 @@ def test_crop_never_covers_less_than_min_scale():
     out = augment(images, spec, torch.Generator().manual_seed(1))
     base = to_input(images, spec)
     assert (out - base).abs().mean() < 0.5 * base.abs().mean()
+
+
+def test_blur_is_the_separable_gaussian_per_image():
+    """A centred point through blur with sigma fixed at 1 becomes the outer product of the 3-tap
+    normalised Gaussian (the kernel side at 20 px); blur_p decides per image, so at 0.5 a batch of
+    identical points comes back part blurred, part untouched."""
+    size, b = 20, 64
+    point = torch.zeros(b, 1, size, size)
+    point[:, :, size // 2, size // 2] = 1.0
+    taps = torch.exp(-torch.tensor([1.0, 0.0, 1.0]) / 2)
+    taps = taps / taps.sum()
+    expected = torch.zeros(size, size)
+    expected[size // 2 - 1:size // 2 + 2, size // 2 - 1:size // 2 + 2] = torch.outer(taps, taps)
+
+    always = ViewSpec(size=size, blur_p=1.0, blur_sigma=(1.0, 1.0))
+    out = gaussian_blur(point, always, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out, expected.expand(b, 1, size, size))
+
+    half = ViewSpec(size=size, blur_p=0.5, blur_sigma=(1.0, 1.0))
+    out = gaussian_blur(point, half, torch.Generator().manual_seed(0))
+    blurred = out[:, 0, size // 2, size // 2] < 1.0
+    assert 10 < int(blurred.sum()) < b - 10
+    torch.testing.assert_close(out[~blurred], point[~blurred])
+    torch.testing.assert_close(out[blurred], expected.expand(int(blurred.sum()), 1, size, size))
