@@ -91,9 +91,10 @@ def check_methods(train: ImageDataset, steps: int, backbone: str, device: str) -
         optimizer, scheduler = make_optimizer(method, OptimConfig(lr=0.03, precision="bf16"),
                                               len(batches), 1)
         prototypes = None
-        if method.needs_prototypes:
+        if method.schedule is not None:
             features = encode(method.cluster_embed, train.images, method, device=device)
-            prototypes = run_kmeans(features, [20, 40], 0.2, seed=0, nredo=1).on_device(device)
+            prototypes = run_kmeans(features, [20, 40], method.schedule.temperature, seed=0,
+                                    nredo=1).on_device(device)
         start = time.perf_counter()
         metrics = train_epoch(method, train, batches, optimizer, scheduler, 0, prototypes, device,
                               model=model, total_epochs=1, precision="bf16")

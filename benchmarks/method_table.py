@@ -1,7 +1,7 @@
 """The README's table of every method: paper, config, and the Fashion-MNIST kNN / linear / AMI
 read from the JSON lines that ``fashion_mnist.py`` runs ended with (never typed by hand).
 
-    python benchmarks/method_table.py benchmarks/results_fashion_mnist_*_3ep.log
+    python benchmarks/method_table.py benchmarks/results/fashion_mnist_*_3ep.log
 
 Logs are read in order and a later one wins for a row it also measured. Rows no log measured
 at that epoch budget print as "not run". The last line is JSON: the rows found and the budget.

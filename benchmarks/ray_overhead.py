@@ -36,7 +36,7 @@ import torch
 
 from methods.training import OptimConfig, fit
 from orchestration.config import load_config
-from orchestration.experiment import load_splits, make_method
+from orchestration.builders import load_splits, make_method
 from orchestration.run import train
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "moco_fashion_mnist.yaml"

@@ -29,7 +29,7 @@ from pathlib import Path
 import ray
 from ray import tune
 
-from orchestration import sweep
+from orchestration.sweep import run_sweep
 from orchestration.config import load_config
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "pcl_fashion_mnist.yaml"
@@ -57,7 +57,7 @@ def main() -> None:
                  log_to_driver=False)
         for scheduler in ("asha", "none"):
             start = time.perf_counter()
-            table = sweep(cfg, SPACE, num_samples=16, scheduler=scheduler, evaluate=False, seed=0,
+            table = run_sweep(cfg, SPACE, num_samples=16, scheduler=scheduler, evaluate=False, seed=0,
                           max_concurrent_trials=args.max_concurrent, grace_period=1, reduction_factor=4)
             wall = time.perf_counter() - start
             shown = table.drop(columns=["mlflow_run_id", "trial_id"])

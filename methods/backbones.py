@@ -29,7 +29,7 @@ def _conv_block(cin: int, cout: int, pool: bool, relu: bool = True) -> nn.Sequen
 class ConvNet(nn.Module):
     """Four 3x3 conv blocks (32..256 channels), the default for 2-core CPU training.
 
-    Sized so one Fashion-MNIST epoch of SimCLR pairs takes about a minute and a half on 2 cores;
+    Sized for short Fashion-MNIST epochs on 2 cores (seconds per epoch: benchmarks/RESULTS.md);
     the last block does not pool so 8x8 digits still have a 1x1 map left.
     """
 
@@ -43,11 +43,10 @@ class ConvNet(nn.Module):
             for i in range(len(widths))
         )
         self.feature_dim = widths[-1]
-        # channels_last weights and inputs (NHWC): oneDNN's NCHW max-pool runs 7-10x slower than
-        # its NHWC one, and the convolutions gain too. benchmarks/memory_format.py, a bf16 PCL
-        # step of this net on 2 cores: 252 -> 179 ms; the E-step's encoding of 60,000 images
-        # 14.3 -> 6.4 s. Converting only the input is not enough: a 1-channel image is NCHW and
-        # NHWC at once, so the weights decide.
+        # channels_last weights and inputs (NHWC): oneDNN's NCHW max-pool is much slower on CPU
+        # than its NHWC one, and the convolutions gain too (benchmarks/RESULTS.md, channels-last).
+        # Converting only the input is not enough: a 1-channel image is NCHW and NHWC at once, so
+        # the weights decide.
         self.to(memory_format=torch.channels_last)
 
     def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -104,25 +103,22 @@ def build_backbone(name: str, in_channels: int, image_size: int) -> nn.Module:
         return ConvNet(in_channels, widths=(64, 128, 256, 512))
     if name == "convnet_1024":
         # The default net with a 1024-channel last block: a larger feature for the linear probe
-        # at small cost, the block running on a 3x3 map at 28 px. Measured with PCL on
-        # Fashion-MNIST: +1.5 linear points over ``convnet`` at 4 epochs each, only +0.35 in about
-        # an hour each (40 epochs against 55), at about 20% more time per epoch
-        # (benchmarks/PCL_FASHION_MNIST.md).
+        # at small cost, the block running on a 3x3 map at 28 px. With PCL its linear gain over
+        # ``convnet`` is large at equal epochs and shrinks at equal training time, as each epoch
+        # costs more (benchmarks/RESULTS.md: four-epoch screens, round 4; P11).
         return ConvNet(in_channels, widths=(32, 64, 128, 1024))
     if name == "convnet_wide_1024":
         # The wide net with a 1024-channel last block, for the linear probe: on 20 px views that
-        # block runs on a 2x2 map, so a bf16 step of 256 images costs about the same as
-        # ``convnet_wide``'s (0.18 s each on 2 cores; a 2048-channel block: 0.26 s). Measured with
-        # PCL at lr 0.3, 42 epochs: linear 0.9108 (median of three seeds) against the 512-channel
-        # block's 0.90 at 45 (benchmarks/PCL_FASHION_MNIST.md).
+        # block runs on a 2x2 map, so a bf16 step costs about the same as ``convnet_wide``'s. With
+        # PCL at lr 0.3 it gives a better linear probe than the 512-channel block in the same hour
+        # (benchmarks/RESULTS.md: PCL against the target; the step times under design choices).
         return ConvNet(in_channels, widths=(64, 128, 256, 1024))
     if name == "convnet_wide_signed":
         # The wide net without the last ReLU, so the pooled feature is signed. After ReLU every
-        # feature lies in the positive orthant: PCL's features sat in a narrow cone (the nearest
-        # training image at cosine 0.967 on average, the 200th at 0.916), which flattens the
-        # k=200 kNN vote, and centring them at evaluation gained 0.7 kNN points. Measured with
-        # PCL, 44 epochs: the cone widens (0.943 and 0.845) but kNN stays 0.8557, as the share of
-        # same-class neighbours does not change (benchmarks/PCL_FASHION_MNIST.md).
+        # feature lies in the positive orthant: PCL's features sat in a narrow cone, which flattens
+        # the k=200 kNN vote (centring them at evaluation helped a little). Signed, the cone
+        # widens but kNN does not move, as the share of same-class neighbours does not change
+        # (benchmarks/RESULTS.md: PCL evaluation-side checks, V14).
         return ConvNet(in_channels, widths=(64, 128, 256, 512), final_relu=False)
     if name in ("resnet18", "resnet50"):
         return _resnet(name, in_channels, small_images=image_size < 64)

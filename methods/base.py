@@ -3,7 +3,9 @@ trainer reads instead of branching on names."""
 
 from __future__ import annotations
 
-from typing import ClassVar, NamedTuple
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -22,6 +24,28 @@ class Batch(NamedTuple):
     labels: torch.Tensor  # [B] (-1 where unlabelled; only supervised methods read them)
 
 
+@dataclass(frozen=True)
+class PrototypeSchedule:
+    """What a method asks of the clustering E-step (PCL, Li et al. 2021, sec. 3.3).
+
+    ``warmup_epochs``: epochs of plain training before the first E-step. ``temperature``: the
+    mean the per-cluster concentrations phi are rescaled to (PCL eq. 12).
+    """
+
+    warmup_epochs: int
+    temperature: float
+
+    def active(self, epoch: int) -> bool:
+        """Whether ``epoch`` (0-based) runs an E-step and trains with prototypes."""
+        return epoch >= self.warmup_epochs
+
+
+def check_at_least(value: float, low: float, field: str) -> None:
+    """Raise ``ValueError`` naming ``field`` when ``value < low``."""
+    if value < low:
+        raise ValueError(f"{field} must be >= {low} (got {value})")
+
+
 class Method(nn.Module):
     """Base class. Two-view methods implement ``pair_features`` and ``pair_loss``; others
     override ``training_step``.
@@ -30,8 +54,7 @@ class Method(nn.Module):
     """
 
     name: ClassVar[str] = ""
-    needs_prototypes: ClassVar[bool] = False
-    prototype_warmup_epochs: int = 0
+    schedule: PrototypeSchedule | None = None  # set by methods that train with prototypes
     progress: float = 0.0  # fraction of training done, set by the loop (BYOL's momentum schedule)
 
     def __init__(self, backbone: nn.Module, views: ViewSpec, seed: int = 0):
@@ -39,6 +62,27 @@ class Method(nn.Module):
         self.backbone = backbone
         self.views = views
         self.generator = torch.Generator().manual_seed(seed)
+
+    @classmethod
+    def prototype_schedule(cls, hparams: Mapping[str, Any]) -> PrototypeSchedule | None:
+        """The E-step this method needs, from its constructor arguments (defaults filled in);
+        None for methods that never use prototypes. The driver reads it before any model exists,
+        to decide whether to start the prototype actor."""
+        return None
+
+    @classmethod
+    def is_two_view(cls) -> bool:
+        """Whether the method scores a positive pair through ``pair_features`` / ``pair_loss``
+        (what a regulariser such as ICL-MSR wraps)."""
+        return cls.pair_loss is not Method.pair_loss
+
+    def check_batch_size(self, batch_size: int) -> None:
+        """Raise ``ValueError`` naming the hyperparameter when a per-worker batch of
+        ``batch_size`` images cannot be trained (MoCo's BatchNorm slices); most methods take any."""
+
+    def uses_prototypes(self, epoch: int) -> bool:
+        """The one answer to "does ``epoch`` need an E-step and train with prototypes"."""
+        return self.schedule is not None and self.schedule.active(epoch)
 
     def view(self, images: torch.Tensor) -> torch.Tensor:
         """One random view of every image, parameters from this method's seeded generator."""

@@ -80,7 +80,7 @@ def run_kmeans(features: np.ndarray, num_clusters: Sequence[int], temperature: f
 
     faiss settings follow PCL's official code (20 iterations, 5 restarts keeping the lowest
     objective, at most 1000 and at least 10 points per centroid for the training sample). Fewer
-    restarts are faster but measurably worse (3 separated blobs: ARI 0.44 with 1, 1.0 with 5).
+    restarts are faster but can miss even well-separated clusters (benchmarks/RESULTS.md).
     Uses the GPU when this faiss build has one.
     """
     import time

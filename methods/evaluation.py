@@ -70,7 +70,8 @@ def select_probe_c(train: np.ndarray, train_labels: np.ndarray, cs: tuple[float,
                                                   random_state=seed, stratify=train_labels)
     scaler = StandardScaler().fit(fit_x)
     fit_x, val_x = scaler.transform(fit_x), scaler.transform(val_x)
-    # weakest prior last, each fit starting from the previous solution (2.5x faster on PCL features)
+    # weakest prior last, each fit starting from the previous solution: much faster than cold fits
+    # (benchmarks/RESULTS.md, PCL evaluation-side checks, probe time)
     clf = LogisticRegression(max_iter=max_iter, random_state=seed, warm_start=True)
     scores = {c: float(clf.set_params(C=c).fit(fit_x, fit_y).score(val_x, val_y))
               for c in sorted(cs)}
@@ -111,10 +112,10 @@ def cluster_scores(features: np.ndarray, labels: np.ndarray, num_clusters: int |
     """AMI, NMI and ARI of faiss k-means (K = number of classes) on L2-normalised features, each
     the median over ``repeats`` k-means seeds (``seed``, ``seed + 1``, ...).
 
-    Why a median: on one set of PCL features of the 10,000 Fashion-MNIST test images, single
-    k-means seeds (3 restarts each) gave AMI 0.636 to 0.684, and keeping the lowest objective of
-    10 restarts did not settle it (0.615 to 0.662 on another model), a spread as large as the
-    differences between training settings.
+    Why a median: on fixed PCL features of the Fashion-MNIST test images, single k-means seeds
+    moved the AMI by several points, and keeping the lowest objective of 10 restarts did not
+    settle it, a spread as large as the differences between training settings
+    (benchmarks/RESULTS.md, PCL evaluation-side checks).
     """
     from sklearn.metrics import (
         adjusted_mutual_info_score,

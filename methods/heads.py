@@ -15,7 +15,10 @@ def projection_mlp(in_dim: int, hidden_dim: int, out_dim: int, num_layers: int =
     variant; MoCo v2 and PCL use none.
     """
     if num_layers < 1:
-        raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+        raise ValueError(f"method.proj_layers must be >= 1 (got {num_layers})")
+    for field, value in (("proj_hidden_dim", hidden_dim), ("proj_dim", out_dim)):
+        if value < 1:
+            raise ValueError(f"method.{field} must be >= 1 (got {value})")
     layers: list[nn.Module] = []
     dim = in_dim
     for _ in range(num_layers - 1):

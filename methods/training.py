@@ -105,8 +105,8 @@ def train_epoch(method: Method, dataset: ImageDataset, batches: Sequence[torch.T
     ``model`` is what is called (a DDP wrapper in workers); ``method`` gets ``on_step_end``, with
     ``method.progress`` set first when ``total_epochs`` is known. ``precision="bf16"`` runs the
     forward under bfloat16 autocast (weights, gradients and optimiser stay float32): on a CPU
-    with AMX it made a SimCLR step 1.5x faster (``benchmarks/throughput.py``), on CUDA it is the
-    usual mixed precision.
+    with AMX it makes a SimCLR step much faster (``benchmarks/throughput.py``; figures in
+    benchmarks/RESULTS.md), on CUDA it is the usual mixed precision.
     """
     model = model or method
     autocast = autocast_for(device, precision)
@@ -142,15 +142,15 @@ def encode(fn: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, met
     """``fn`` (e.g. ``method.embed``) over un-augmented images, in eval mode, as float32 numpy.
 
     ``precision="bf16"`` runs the forward under bfloat16 autocast, as the training step does: the
-    E-step encodes every image each epoch, and in fp32 that took a third of a bf16 epoch (the
-    wide net on 2 cores: 48.6 s of about 140; 35.6 s under bf16).
+    E-step encodes every image each epoch, and in fp32 that took a large share of a bf16 epoch
+    (benchmarks/RESULTS.md, measurements behind design choices).
 
     ``native_size=True`` feeds the images at their own side even when the views resize them
     (``ViewSpec.size``): evaluation after training at a lower resolution. Random crops enlarge
     objects, so a network trained on crops sees them larger than a same-size uncropped image
     shows them; testing at a higher resolution than training compensates (Touvron et al. 2019,
-    FixRes, sec. 3). PCL trained on 20 px views of Fashion-MNIST scored 0.7 point more kNN at 28 px
-    than at 20 (benchmarks/PCL_FASHION_MNIST.md).
+    FixRes, sec. 3). PCL trained on 20 px views of Fashion-MNIST scores a better kNN at 28 px than
+    at 20 (benchmarks/RESULTS.md, PCL 20 px views, V1).
     """
     spec = replace(method.views, size=None) if native_size else method.views
     was_training = method.training
@@ -164,11 +164,14 @@ def encode(fn: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, met
 
 def fit(method: Method, dataset: ImageDataset, epochs: int, batch_size: int,
         optim: OptimConfig | None = None, num_clusters: Sequence[int] = (),
-        kmeans_temperature: float = 0.2, seed: int = 0, nredo: int = 5,
+        seed: int = 0, nredo: int = 5,
         device: str | torch.device = "cpu",
         on_epoch_end: Callable[[int, dict[str, float]], None] | None = None
         ) -> list[dict[str, float]]:
-    """Train ``method`` in this process; returns one metrics dict per epoch."""
+    """Train ``method`` in this process; returns one metrics dict per epoch.
+
+    Methods that cluster (``method.schedule``) run an E-step at ``num_clusters`` granularities
+    each epoch the schedule makes active, at the schedule's temperature."""
     optim = optim or OptimConfig()
     method.to(device)
     method.bind_data(len(dataset))
@@ -178,11 +181,11 @@ def fit(method: Method, dataset: ImageDataset, epochs: int, batch_size: int,
     for epoch in range(epochs):
         start = time.perf_counter()
         prototypes, estep_s = None, 0.0
-        if method.needs_prototypes and epoch >= method.prototype_warmup_epochs:
+        if method.uses_prototypes(epoch):
             features = encode(method.cluster_embed, dataset.images, method, device=device,
                               precision=optim.precision)
-            found: Prototypes = run_kmeans(features, num_clusters, kmeans_temperature, seed + epoch,
-                                           nredo=nredo)
+            found: Prototypes = run_kmeans(features, num_clusters, method.schedule.temperature,
+                                           seed + epoch, nredo=nredo)
             prototypes, estep_s = found.on_device(device), time.perf_counter() - start
         batches = epoch_batches(len(dataset), batch_size, epoch, seed)
         metrics = train_epoch(method, dataset, batches, optimizer, scheduler, epoch, prototypes,

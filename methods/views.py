@@ -3,7 +3,8 @@
 Why not torchvision.transforms.v2 on a batch: applied to a ``[B, C, H, W]`` tensor it draws one
 parameter set and crops every image of the batch identically, which silently removes most of the
 variation contrastive learning relies on. Why not per-image PIL in a DataLoader: on a 2-core
-machine it is ~50x slower than the vectorised path below (see ``benchmarks/throughput.py``).
+machine it is many times slower than the vectorised path below (``benchmarks/throughput.py``;
+figures in benchmarks/RESULTS.md).
 
 Crop and flip are one ``affine_grid`` + ``grid_sample`` call for the batch; colour jitter is
 per-image factors broadcast over pixels; blur is a grouped separable convolution with one kernel

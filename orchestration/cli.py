@@ -30,6 +30,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--address", help="Ray cluster to join ('auto', ray://host:10001); "
                                      "default: RAY_ADDRESS or an embedded local cluster")
     t.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///mlruns.db)")
+    t.add_argument("--verbose", action="store_true",
+                   help="show Ray's and the libraries' own output instead of one line per epoch")
     w = sub.add_parser("sweep", help="Ray Tune sweep of a config over a search space",
                        description="Run trials of CONFIG over SPACE with Ray Tune (ASHA on online kNN) "
                                    "and record them as nested MLflow runs; prints one row per trial.")
@@ -65,14 +67,16 @@ def _train(args: argparse.Namespace) -> int:
     if args.tracking_uri:
         overrides.append(f"tracking.tracking_uri={args.tracking_uri}")
     cfg = load_config(args.config, overrides)
+    from orchestration.console import quiet_libraries
     from orchestration.run import TrainingStopped, train
 
+    quiet_libraries(args.verbose)
     try:
-        summary = train(cfg, address=args.address)
+        summary = train(cfg, address=args.address, verbose=args.verbose)
     except TrainingStopped as exc:
         print(f"protoray: training stopped: {exc}", file=sys.stderr)
         return 1
-    print(f"\nMLflow run {summary.run_id} ({cfg.method.name} on {cfg.data.name})")
+    print()
     print_metrics(summary.metrics)
     uri = summary.tracking_uri
     print(f"\nSee it in MLflow:  mlflow ui --backend-store-uri {uri} --workers 1"
@@ -82,16 +86,16 @@ def _train(args: argparse.Namespace) -> int:
 
 def _sweep(args: argparse.Namespace) -> int:
     if args.resume:
-        from orchestration.tuning import format_table, resume_sweep
+        from orchestration.sweep import format_table, resume_sweep
 
         table = resume_sweep(args.resume, address=args.address)
     else:
         if not args.config or not args.space:
             raise ConfigError("sweep: give CONFIG and --space SPACE.yaml (or --resume SWEEP_DIR)")
-        from orchestration.tuning import format_table, load_space, sweep
+        from orchestration.sweep import format_table, load_space, run_sweep
 
         cfg = load_config(args.config, args.overrides)
-        table = sweep(cfg, load_space(args.space), num_samples=args.num_samples,
+        table = run_sweep(cfg, load_space(args.space), num_samples=args.num_samples,
                       scheduler=args.scheduler, max_concurrent_trials=args.max_concurrent,
                       evaluate=not args.no_eval, address=args.address)
     print("\n" + format_table(table))

@@ -8,21 +8,40 @@ traceback from inside a worker ten minutes later.
 
 from __future__ import annotations
 
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from methods.backbones import BACKBONES
-from methods.momentum import check_bn_splits
-from methods.registry import available, hyperparameters, is_two_view
+from methods.backbones import BACKBONES, build_backbone
+from methods.base import PrototypeSchedule
+from methods.registry import (
+    available,
+    build_method,
+    hyperparameters,
+    method_class,
+    prototype_schedule,
+    regularizer_class,
+)
+from methods.views import view_spec
 
 # PCL's paper warm-up is 20 of 200 epochs; the CPU-sized default (20 epochs) keeps that ratio.
 DEFAULT_METHOD = {"name": "pcl", "warmup_epochs": 2}
 
-# Training-set sizes of the built-in datasets, so cluster counts can be checked before loading.
+# Training-set sizes and image shapes (channels, side) of the built-in datasets, so cluster
+# counts and the method can be checked before any data is loaded.
 KNOWN_TRAIN_SIZES = {"fashion_mnist": 60_000, "digits": 1_347}
+KNOWN_SHAPES = {"fashion_mnist": (1, 28), "digits": (1, 8), "torchvision": (3, 32)}
 
 
 class ConfigError(ValueError):
@@ -33,7 +52,7 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class DataConfig(Section):
+class DataSection(Section):
     name: Literal["fashion_mnist", "digits", "image_folder", "torchvision"] = "fashion_mnist"
     root: str | None = None  # None: the dataset's default location
     torchvision_name: str = "CIFAR10"
@@ -56,60 +75,36 @@ class DataConfig(Section):
         return value
 
 
-class ModelConfig(Section):
+class ModelSection(Section):
     backbone: Literal[BACKBONES] = "convnet"  # the names build_backbone knows, kept in one place
 
 
-CHOICES = {"contrast_mode": ("all", "one"), "sub_network": ("fc", "same")}
-"""Method hyperparameters that take one of a few words."""
+class MethodSection(BaseModel):
+    """``name`` plus that method's own hyperparameters (its constructor's keyword arguments).
 
-
-class MethodConfig(BaseModel):
-    """``name`` plus that method's own hyperparameters (its constructor's keyword arguments)."""
+    The constructors are the one source of truth: a value's type comes from the constructor's
+    annotation (so ``1e-1`` is a float wherever the constructor takes one), its range from the
+    constructor's own checks, run on a throw-away model in ``ExperimentConfig``'s validation.
+    """
 
     model_config = ConfigDict(extra="allow", validate_assignment=True)
     name: str = "pcl"
     regularizer: str | None = None  # "icl_msr" wraps the method (its hyperparameters join these)
 
     @model_validator(mode="after")
-    def _check_hyperparameters(self) -> MethodConfig:
-        if self.name not in available():
-            raise ValueError(f"method.name: unknown method {self.name!r}; "
-                             f"choose one of {', '.join(available())}")
-        try:
-            allowed = hyperparameters(self.name, self.regularizer)
-        except ValueError as exc:
-            raise ValueError(str(exc)) from None
-        if self.regularizer and not is_two_view(self.name):
+    def _check_hyperparameters(self) -> MethodSection:
+        cls = method_class(self.name)
+        allowed = hyperparameters(self.name, self.regularizer)
+        if self.regularizer and not cls.is_two_view():
+            two_view = ", ".join(n for n in available() if method_class(n).is_two_view())
             raise ValueError(f"method.regularizer: {self.regularizer} wraps two-view methods "
-                             f"(simclr, moco, pcl, supcon), not {self.name}")
+                             f"({two_view}), not {self.name}")
+        types = _annotations(self.name, self.regularizer)
         for key, value in (self.model_extra or {}).items():
             if key not in allowed:
                 raise ValueError(f"method.{key}: {self.name} has no such hyperparameter; it takes "
                                  f"{', '.join(sorted(allowed))}")
-            default = allowed[key]
-            if isinstance(default, bool) and not isinstance(value, bool):
-                raise ValueError(f"method.{key} must be true or false (got {value!r})")
-            if key in CHOICES and value not in CHOICES[key]:
-                raise ValueError(f"method.{key} must be one of {', '.join(CHOICES[key])} "
-                                 f"(got {value!r})")
-            if isinstance(default, (int, float)) and not isinstance(default, bool) and (
-                    isinstance(value, bool) or not isinstance(value, (int, float))):
-                raise ValueError(f"method.{key} must be a number (got {value!r})")
-            if isinstance(default, int) and not isinstance(default, bool) and isinstance(value, float):
-                raise ValueError(f"method.{key} must be an integer (got {value!r})")
-        for key, low, strict in (("temperature", 0, True), ("momentum", 0, False),
-                                 ("proto_weight", 0, False), ("lambda_", 0, False),
-                                 ("gamma", 0, False)):
-            value = self.hparams.get(key)
-            if value is not None and (value <= low if strict else value < low):
-                raise ValueError(f"method.{key} must be {'>' if strict else '>='} {low} (got {value})")
-        if self.hparams.get("momentum", 0) >= 1:
-            raise ValueError(f"method.momentum must be < 1 (got {self.hparams['momentum']})")
-        for key in ("queue_size", "num_negative_prototypes", "proj_dim", "proj_hidden_dim",
-                    "bn_splits"):
-            if key in self.hparams and self.hparams[key] < 1:
-                raise ValueError(f"method.{key} must be >= 1 (got {self.hparams[key]})")
+            self.__pydantic_extra__[key] = _coerce(key, value, types.get(key))
         return self
 
     @property
@@ -121,8 +116,36 @@ class MethodConfig(BaseModel):
         """Every hyperparameter, defaults filled in (what MLflow records)."""
         return {**hyperparameters(self.name, self.regularizer), **self.hparams}
 
+    def schedule(self) -> PrototypeSchedule | None:
+        """What the method asks of the clustering E-step; None when it never clusters."""
+        return prototype_schedule(self.name, self.hparams)
 
-class OptimConfig(Section):
+
+def _annotations(name: str, regularizer: str | None) -> dict[str, Any]:
+    hints = dict(typing.get_type_hints(method_class(name).__init__))
+    if regularizer:
+        hints.update(typing.get_type_hints(regularizer_class(regularizer).__init__))
+    return hints
+
+
+_TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a word"}
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    """``value`` as the constructor's annotation types it; one line naming ``method.key`` if not."""
+    if annotation is None:
+        return value
+    try:
+        return TypeAdapter(annotation).validate_python(value, strict=annotation is bool)
+    except ValidationError:
+        if typing.get_origin(annotation) is Literal:
+            what = "one of " + ", ".join(map(str, typing.get_args(annotation)))
+        else:
+            what = _TYPE_WORDS.get(annotation, str(annotation))
+        raise ValueError(f"method.{key} must be {what} (got {value!r})") from None
+
+
+class OptimSection(Section):
     epochs: int = Field(20, ge=1)
     batch_size: int = Field(256, ge=2, description="global batch, split across workers")
     lr: float = Field(0.06, gt=0)
@@ -133,7 +156,7 @@ class OptimConfig(Section):
         "fp32", description="bf16: forward under bfloat16 autocast (CPUs with AMX, CUDA)")
 
 
-class ClusteringConfig(Section):
+class ClusteringSection(Section):
     num_clusters: list[int] = Field(default_factory=lambda: [50, 100, 200], min_length=1)
     niter: int = Field(20, ge=1)
     nredo: int = Field(5, ge=1, description="k-means restarts (PCL's official value is 5)")
@@ -148,49 +171,53 @@ class ClusteringConfig(Section):
         return value
 
 
-class ScalingConfig(Section):
+class ScalingSection(Section):
     num_workers: int = Field(2, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1, gt=0)
     max_failures: int = Field(2, ge=-1)
 
 
-class TrackingConfig(Section):
+class TrackingSection(Section):
     tracking_uri: str = "sqlite:///mlruns.db"
     experiment_name: str = "protoray"
     run_name: str | None = None
     storage_path: str = "outputs/ray"  # Ray Train checkpoints; s3://... or NFS across nodes
 
 
+def input_shape(data: DataSection) -> tuple[int, int]:
+    """(channels, side) the training images will have: the built-in sets' own, else RGB at
+    ``data.image_size``."""
+    return KNOWN_SHAPES.get(data.name, (3, data.image_size))
+
+
 class ExperimentConfig(Section):
     seed: int = 0
-    data: DataConfig = Field(default_factory=DataConfig)
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    method: MethodConfig = Field(default_factory=lambda: MethodConfig(**DEFAULT_METHOD))
-    optim: OptimConfig = Field(default_factory=OptimConfig)
-    clustering: ClusteringConfig = Field(default_factory=ClusteringConfig)
-    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
-    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    data: DataSection = Field(default_factory=DataSection)
+    model: ModelSection = Field(default_factory=ModelSection)
+    method: MethodSection = Field(default_factory=lambda: MethodSection(**DEFAULT_METHOD))
+    optim: OptimSection = Field(default_factory=OptimSection)
+    clustering: ClusteringSection = Field(default_factory=ClusteringSection)
+    scaling: ScalingSection = Field(default_factory=ScalingSection)
+    tracking: TrackingSection = Field(default_factory=TrackingSection)
 
     @model_validator(mode="after")
     def _cross_section(self) -> ExperimentConfig:
-        warmup = self.method.hparams.get("warmup_epochs", hyperparameters(self.method.name)
-                                         .get("warmup_epochs", 0))
-        if isinstance(warmup, int) and warmup >= self.optim.epochs and self._needs_prototypes():
-            raise ValueError(f"method.warmup_epochs ({warmup}) must be < optim.epochs "
-                             f"({self.optim.epochs}), or the prototypes are never used")
         if self.optim.batch_size % self.scaling.num_workers:
             raise ValueError(f"optim.batch_size ({self.optim.batch_size}) must be divisible by "
                              f"scaling.num_workers ({self.scaling.num_workers})")
-        check_bn_splits(self.method.hparams.get("bn_splits", 1),
-                        self.optim.batch_size // self.scaling.num_workers)
         if self.data.view_size is not None and self.model.backbone == "vit_tiny":
             raise ValueError("data.view_size: vit_tiny takes one input side, and evaluation feeds "
                              "the images at their own; leave data.view_size unset for it")
+        self._check_method_builds()
+        schedule = self.method.schedule()
+        if schedule is not None and schedule.warmup_epochs >= self.optim.epochs:
+            raise ValueError(f"method.warmup_epochs ({schedule.warmup_epochs}) must be < "
+                             f"optim.epochs ({self.optim.epochs}), or the prototypes are never used")
         size = self.train_size()
         if size is not None:
             for k in self.clustering.num_clusters:
-                if self._needs_prototypes() and k >= size:
+                if schedule is not None and k >= size:
                     raise ValueError(f"clustering.num_clusters: {k} must be below the number of "
                                      f"training samples ({size})")
             if self.optim.batch_size > size:
@@ -198,10 +225,16 @@ class ExperimentConfig(Section):
                                  f"{size} training samples")
         return self
 
-    def _needs_prototypes(self) -> bool:
-        from methods.registry import method_class
-
-        return method_class(self.method.name).needs_prototypes
+    def _check_method_builds(self) -> None:
+        """Build the method once on the configured backbone: its constructor's range checks are
+        the hyperparameters' only validation, and a per-worker batch it cannot split (MoCo's
+        shuffling BN) fails here rather than in a worker."""
+        channels, side = input_shape(self.data)
+        size = self.data.view_size or side
+        views = view_spec(self.data.views, size=size)
+        method = build_method(self.method.name, build_backbone(self.model.backbone, channels, size),
+                              views, regularizer=self.method.regularizer, **self.method.hparams)
+        method.check_batch_size(self.optim.batch_size // self.scaling.num_workers)
 
     def train_size(self) -> int | None:
         """Training samples after the kNN hold-out and ``limit``, when knowable without loading."""

@@ -11,8 +11,9 @@ import torch
 
 from methods.evaluation import FAST_PROBE, embedding_plot, evaluate
 from methods.training import encode
+from orchestration.builders import Splits, load_splits, make_method
+from orchestration.checkpoints import load_state
 from orchestration.config import ExperimentConfig
-from orchestration.experiment import Splits, load_splits, load_state, make_method
 
 
 def pixels(images: torch.Tensor) -> np.ndarray:

@@ -1,5 +1,5 @@
-"""The driver: start or join Ray, open the MLflow run, start the prototype actor, run the
-TorchTrainer, evaluate the final checkpoint and log everything.
+"""The driver: start or join Ray, open the MLflow run, start the prototype actor when the method
+clusters, run the TorchTrainer, evaluate the final checkpoint and log everything.
 
 Data flows one way: config -> driver -> workers -> reports. The driver never talks to the
 workers while they train; the prototype actor is the only state they share.
@@ -7,23 +7,24 @@ workers while they train; the prototype actor is the only state they share.
 
 from __future__ import annotations
 
-import json
+import logging
 import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import mlflow
 import ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from orchestration.config import ExperimentConfig, to_yaml
+from orchestration import tracking
+from orchestration.checkpoints import CHECKPOINT_FILE
+from orchestration.config import ExperimentConfig
+from orchestration.console import EpochPrinter
 from orchestration.evaluate import evaluate_checkpoint
 from orchestration.prototypes import PrototypeService
-from orchestration.tracking import MLflowEpochLogger, numeric, resolve_tracking_uri
-from orchestration.worker import CHECKPOINT_FILE, train_loop
+from orchestration.worker import train_loop
 
 
 class TrainingStopped(RuntimeError):
@@ -39,12 +40,14 @@ class RunSummary:
     estep_log: dict = field(default_factory=dict)
 
 
-def ensure_ray(address: str | None, cpus_needed: float) -> None:
+def ensure_ray(address: str | None, cpus_needed: float, verbose: bool = True) -> None:
     """Join ``address`` (or RAY_ADDRESS), else start an embedded local cluster.
 
     The embedded cluster gets at least ``cpus_needed`` logical CPUs: on a 2-core laptop two
     workers plus the prototype actor still fit (they take turns on the cores), whereas a Train V2
-    run that cannot be placed waits forever.
+    run that cannot be placed waits forever. ``verbose=False`` keeps the workers' and the Train
+    controller's output (per-report dumps, library warnings) out of this console; it stays in
+    the Ray session's log files.
     """
     if ray.is_initialized():
         return
@@ -52,31 +55,53 @@ def ensure_ray(address: str | None, cpus_needed: float) -> None:
     # set before ray.init so the embedded cluster's processes inherit it.
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
     address = address or os.environ.get("RAY_ADDRESS")
+    quiet = {} if verbose else {"log_to_driver": False, "logging_level": logging.WARNING}
     if address:
-        ray.init(address=address)
+        ray.init(address=address, **quiet)
     else:
         ray.init(num_cpus=max(os.cpu_count() or 1, int(cpus_needed + 0.999)),
-                 dashboard_host="127.0.0.1")
+                 dashboard_host="127.0.0.1", **quiet)
 
 
 def cpus_per_run(cfg: ExperimentConfig) -> float:
-    """Logical CPUs one run reserves: its driver, its Train workers and the prototype actor."""
+    """Logical CPUs one run reserves: its driver, its Train workers and, for methods that
+    cluster, the prototype actor."""
     s = cfg.scaling
-    return 1 + s.num_workers * s.cpus_per_worker + cfg.clustering.cpus
+    actor = cfg.clustering.cpus if cfg.method.schedule() is not None else 0
+    return 1 + s.num_workers * s.cpus_per_worker + actor
 
 
 def train(cfg: ExperimentConfig, address: str | None = None, evaluate: bool = True,
-          faults: dict | None = None) -> RunSummary:
+          faults: dict | None = None, verbose: bool = True) -> RunSummary:
     """Run one experiment end to end; returns the MLflow run id and the final metrics.
 
+    ``verbose=False`` (the CLI's default) prints one line per epoch instead of Ray's output.
     ``faults`` is for the reliability tests only (kill a worker or the actor, inject a NaN).
     """
-    ensure_ray(address, cpus_per_run(cfg))
-    tracking_uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_experiment(cfg.tracking.experiment_name)
-    with mlflow.start_run(run_name=cfg.tracking.run_name) as run:
-        return execute(cfg, run.info.run_id, tracking_uri, evaluate=evaluate, faults=faults)
+    ensure_ray(address, cpus_per_run(cfg), verbose)
+    tracking_uri = tracking.resolve_tracking_uri(cfg.tracking.tracking_uri)
+    tracking.start_experiment(tracking_uri, cfg.tracking.experiment_name)
+    with tracking.open_run(tracking.run_name(cfg)) as run:
+        run_id = run.info.run_id
+        if not verbose:
+            print(f"MLflow run {run_id} ({tracking.run_name(cfg)}): {cfg.scaling.num_workers} "
+                  f"workers, {cfg.optim.epochs} epochs", flush=True)
+            with EpochPrinter(tracking_uri, run_id, cfg.optim.epochs):
+                return execute(cfg, run_id, tracking_uri, evaluate=evaluate, faults=faults)
+        return execute(cfg, run_id, tracking_uri, evaluate=evaluate, faults=faults)
+
+
+def start_prototype_service(cfg: ExperimentConfig, run_id: str, faults: dict | None = None):
+    """The run's prototype actor, or None when the method never clusters (no CPU reserved).
+    Named after the run, so a restarted trial finds the one it started."""
+    schedule = cfg.method.schedule()
+    if schedule is None:
+        return None
+    c = cfg.clustering
+    return PrototypeService.options(
+        name=f"prototypes-{run_id}", get_if_exists=True, num_cpus=c.cpus,
+    ).remote(cfg.scaling.num_workers, c.num_clusters, schedule.temperature, cfg.seed, c.niter,
+             c.nredo, faults)
 
 
 def execute(cfg: ExperimentConfig, run_id: str, tracking_uri: str, evaluate: bool = True,
@@ -89,14 +114,8 @@ def execute(cfg: ExperimentConfig, run_id: str, tracking_uri: str, evaluate: boo
     Re-running with the same ``name`` and storage resumes from the latest checkpoint (Train V2).
     """
     s = cfg.scaling
-    mlflow.log_params({k: json.dumps(v) if isinstance(v, (list, dict)) else v
-                       for k, v in cfg.flat().items()}, run_id=run_id)
-    mlflow.log_text(to_yaml(cfg), "config.yaml", run_id=run_id)
-    service = PrototypeService.options(
-        name=f"prototypes-{run_id}", get_if_exists=True, num_cpus=cfg.clustering.cpus,
-    ).remote(s.num_workers, cfg.clustering.num_clusters,
-             cfg.method.resolved().get("temperature", 0.2), cfg.seed, cfg.clustering.niter,
-             cfg.clustering.nredo, faults)
+    tracking.log_run_start(run_id, cfg)
+    service = start_prototype_service(cfg, run_id, faults)
     storage = storage_path or cfg.tracking.storage_path
     if "://" not in storage:
         storage = str(Path(storage).resolve())
@@ -110,29 +129,28 @@ def execute(cfg: ExperimentConfig, run_id: str, tracking_uri: str, evaluate: boo
             name=name or f"protoray-{run_id}", storage_path=storage,
             failure_config=FailureConfig(max_failures=s.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
-            callbacks=[MLflowEpochLogger(tracking_uri, run_id), *callbacks]),
+            callbacks=[tracking.MLflowEpochLogger(tracking_uri, run_id), *callbacks]),
     )
     result = trainer.fit()
-    estep_log = ray.get(service.history.remote())
-    ray.kill(service)
-    mlflow.log_dict({str(k): v for k, v in estep_log.items()}, "estep_log.json", run_id=run_id)
+    estep_log = {}
+    if service is not None:
+        estep_log = ray.get(service.history.remote())
+        ray.kill(service)
+        tracking.log_estep(run_id, estep_log)
     checkpoint_dir = result.checkpoint.path if result.checkpoint else None
     if result.error:
         raise result.error
     # A stop report carries no checkpoint, so it is not in result.metrics (those belong to the
     # latest checkpoint); the controller's MLflow callback recorded it as a tag.
-    stopped = mlflow.get_run(run_id).data.tags.get("stopped")
+    stopped = tracking.stopped_reason(run_id)
     if stopped:
         raise TrainingStopped(f"{stopped}; last good checkpoint: "
                               f"{checkpoint_dir or 'none (stopped in the first epoch)'}")
     metrics: dict[str, float] = {}
     if evaluate and result.checkpoint:
         with result.checkpoint.as_directory() as directory, tempfile.TemporaryDirectory() as out:
-            metrics, artifacts = evaluate_checkpoint(Path(directory) / CHECKPOINT_FILE, Path(out), cfg)
-            mlflow.log_metrics(numeric(metrics), run_id=run_id)
-            for path in artifacts:
-                mlflow.log_artifact(str(path), "plots", run_id=run_id)
+            metrics, plots = evaluate_checkpoint(Path(directory) / CHECKPOINT_FILE, Path(out), cfg)
             final = Path(out) / "final_checkpoint.pt"
             shutil.copy(Path(directory) / CHECKPOINT_FILE, final)
-            mlflow.log_artifact(str(final), "checkpoint", run_id=run_id)
+            tracking.log_evaluation(run_id, metrics, plots, final)
     return RunSummary(run_id, tracking_uri, metrics, checkpoint_dir, estep_log)

@@ -1,19 +1,29 @@
-"""MLflow: where every run's params, per-epoch metrics and artifacts go.
+"""MLflow: every write protoray makes to a tracking server goes through this module.
 
-Per-epoch metrics are logged by a Ray Train ``UserCallback`` on the Train controller, after each
-report has been persisted, so an epoch is logged once even when workers restart (a resumed run
-starts at the epoch after its checkpoint).
+A run holds the flattened config as params, the config file, one metric point per epoch (logged
+by a Ray Train callback on the Train controller after each report is persisted, so an epoch is
+logged once even when workers restart), the E-step log, the final evaluation, plots and the
+final checkpoint. A sweep is a parent run with one child run per Tune trial.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import time
+import warnings
 from pathlib import Path
+from typing import Any
 
+import mlflow
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 from ray.train import UserCallback
+
+from orchestration.config import ExperimentConfig, to_yaml
+
+TRIAL_TAG = "protoray.trial_id"
 
 
 def resolve_tracking_uri(uri: str) -> str:
@@ -28,6 +38,84 @@ def resolve_tracking_uri(uri: str) -> str:
 def numeric(metrics: dict) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items()
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+
+
+def run_name(cfg: ExperimentConfig) -> str:
+    """``tracking.run_name``, else ``<method>-<dataset>`` (``simclr+icl_msr-digits``)."""
+    if cfg.tracking.run_name:
+        return cfg.tracking.run_name
+    method = cfg.method.name + (f"+{cfg.method.regularizer}" if cfg.method.regularizer else "")
+    return f"{method}-{cfg.data.name}"
+
+
+def run_tags(cfg: ExperimentConfig) -> dict[str, str]:
+    """What the MLflow UI filters and groups runs by."""
+    return {"method": cfg.method.name, "dataset": cfg.data.name, "backbone": cfg.model.backbone,
+            "regularizer": cfg.method.regularizer or "none"}
+
+
+def start_experiment(tracking_uri: str, experiment_name: str) -> str:
+    """Point this process at the server and the experiment (created if new); its id."""
+    mlflow.set_tracking_uri(tracking_uri)
+    return mlflow.set_experiment(experiment_name).experiment_id
+
+
+def open_run(name: str | None = None, run_id: str | None = None):
+    """``mlflow.start_run`` as a context manager: a new run named ``name``, or ``run_id`` again."""
+    return mlflow.start_run(run_name=name, run_id=run_id)
+
+
+def log_run_start(run_id: str, cfg: ExperimentConfig) -> None:
+    """Params (the flattened config), tags, the config file and the dataset as the run's input."""
+    client = MlflowClient()
+    mlflow.log_params({k: json.dumps(v) if isinstance(v, (list, dict)) else v
+                       for k, v in cfg.flat().items()}, run_id=run_id)
+    for key, value in run_tags(cfg).items():
+        client.set_tag(run_id, key, value)
+    mlflow.log_text(to_yaml(cfg), "config.yaml", run_id=run_id)
+    _log_dataset(run_id, cfg)
+
+
+def _log_dataset(run_id: str, cfg: ExperimentConfig) -> None:
+    """The training data as an MLflow dataset input (its location and the slice used), without
+    reading any image: a digest of the settings that choose the images."""
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    from methods.data import FASHION_MNIST_ROOT
+
+    d = cfg.data
+    root = d.root or (str(FASHION_MNIST_ROOT) if d.name == "fashion_mnist" else None)
+    if root:
+        with warnings.catch_warnings():  # "can be interpreted in multiple ways": all are local
+            warnings.simplefilter("ignore")
+            source = resolve_dataset_source(str(Path(root).resolve()))
+    else:
+        source = CodeDatasetSource(tags={"loader": f"methods.data.load_dataset({d.name!r})"})
+    chosen = json.dumps({"name": d.name, "root": root, "limit": d.limit, "seed": cfg.seed,
+                         "knn_holdout": d.knn_holdout}, sort_keys=True)
+    digest = hashlib.sha256(chosen.encode()).hexdigest()[:12]
+    tags = {"limit": str(d.limit or "all"), "knn_holdout": str(d.knn_holdout)}
+    mlflow.log_input(MetaDataset(source, name=d.name, digest=digest), context="training",
+                     tags=tags, run_id=run_id)
+
+
+def log_estep(run_id: str, estep_log: dict) -> None:
+    mlflow.log_dict({str(k): v for k, v in estep_log.items()}, "estep_log.json", run_id=run_id)
+
+
+def log_evaluation(run_id: str, metrics: dict, plots: list[Path], checkpoint: Path) -> None:
+    """The final test metrics, the plots, and the checkpoint file they came from."""
+    mlflow.log_metrics(numeric(metrics), run_id=run_id)
+    for path in plots:
+        mlflow.log_artifact(str(path), "plots", run_id=run_id)
+    mlflow.log_artifact(str(checkpoint), "checkpoint", run_id=run_id)
+
+
+def stopped_reason(run_id: str) -> str | None:
+    """The ``stopped`` tag the epoch logger set when training stopped on a NaN loss."""
+    return mlflow.get_run(run_id).data.tags.get("stopped")
 
 
 class MLflowEpochLogger(UserCallback):
@@ -50,3 +138,65 @@ class MLflowEpochLogger(UserCallback):
         step = int(values.pop("epoch", 0))
         now = int(time.time() * 1000)
         client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in values.items()])
+
+
+def epoch_history(client: MlflowClient, run_id: str, keys: tuple[str, ...]
+                  ) -> dict[int, dict[str, float]]:
+    """``{epoch: {key: value}}`` of the per-epoch metrics ``keys`` logged so far."""
+    history: dict[int, dict[str, float]] = {}
+    for key in keys:
+        for m in client.get_metric_history(run_id, key):
+            history.setdefault(m.step, {})[key] = m.value
+    return history
+
+
+# --- sweeps: a parent run per sweep, a child run per Tune trial
+
+
+def log_sweep_start(cfg: ExperimentConfig, settings: dict[str, Any], space: dict[str, Any],
+                    sweep_dir: Path) -> None:
+    """On the active parent run: the sweep's settings, its space and base config."""
+    mlflow.log_params(settings)
+    mlflow.log_dict({k: repr(v) for k, v in space.items()}, "space.json")
+    mlflow.log_text(to_yaml(cfg), "base_config.yaml")
+    mlflow.set_tag("sweep_dir", str(sweep_dir))
+    for key, value in run_tags(cfg).items():
+        mlflow.set_tag(key, value)
+
+
+def trial_runs(client: MlflowClient, experiment_id: str, parent_run_id: str) -> dict[str, Any]:
+    """The sweep's child runs by trial id."""
+    runs = client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
+    return {r.data.tags.get(TRIAL_TAG): r for r in runs}
+
+
+def open_trial_run(client: MlflowClient, experiment_id: str, parent_run_id: str, trial_id: str,
+                   cfg: ExperimentConfig, params: dict) -> tuple[str, bool]:
+    """The trial's child run, reused when a resumed sweep finds it; (run id, already finished)."""
+    found = trial_runs(client, experiment_id, parent_run_id).get(trial_id)
+    if found and found.info.status == "FINISHED":
+        return found.info.run_id, True
+    if found:
+        run_id = found.info.run_id
+        client.update_run(run_id, status="RUNNING")
+    else:
+        tags = {"mlflow.parentRunId": parent_run_id, TRIAL_TAG: trial_id, **run_tags(cfg)}
+        run_id = client.create_run(experiment_id, run_name=f"{run_name(cfg)}-{trial_id}",
+                                   tags=tags).info.run_id
+    client.log_dict(run_id, params, "trial_params.json")
+    return run_id, False
+
+
+def close_trial_run(client: MlflowClient, run_id: str, status: str) -> None:
+    """``status``: finished, stopped early (ASHA) or error."""
+    if status == "stopped early":
+        client.set_tag(run_id, "stopped_early", "true")
+    client.set_terminated(run_id, {"finished": "FINISHED", "error": "FAILED"}.get(status, "KILLED"))
+
+
+def log_sweep_table(table, figure) -> None:
+    """On the active parent run: the trial table, its best figures and the kNN plot."""
+    mlflow.log_text(table.to_csv(index=False), "sweep_table.csv")
+    mlflow.log_metrics({"best_knn": float(table["best_knn"].max()),
+                        "trial_epochs": float(table["epochs"].sum())})
+    mlflow.log_figure(figure, "sweep_knn.png")

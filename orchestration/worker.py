@@ -12,6 +12,7 @@ import os
 import signal
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import ray
@@ -31,18 +32,17 @@ from methods.training import (
     make_optimizer,
     train_epoch,
 )
-from orchestration.config import ExperimentConfig
-from orchestration.experiment import (
+from orchestration.builders import load_splits, make_method
+from orchestration.checkpoints import (
+    CHECKPOINT_FILE,
     load_rank_state,
-    load_splits,
     load_state,
-    make_method,
     save_rank_state,
     save_state,
 )
+from orchestration.config import ExperimentConfig
 from orchestration.prototypes import fetch_prototypes
 
-CHECKPOINT_FILE = "state.pt"
 KNN_BANK_SIZE = 5000  # training images the online kNN compares the hold-out slice against
 
 
@@ -64,7 +64,12 @@ def train_loop(config: dict) -> None:
     train = splits.train
     method = make_method(cfg, train.in_channels, train.image_size, rank).to(device)
     method.bind_data(len(train), rank, world)
-    model = ray.train.torch.prepare_model(method, parallel_strategy_kwargs={"broadcast_buffers": False})
+    with warnings.catch_warnings():
+        # Ray deprecates broadcast_buffers in favour of forward_sync_buffers, which still syncs at
+        # init; per-rank buffers (memory-bank shards) must not be overwritten by rank 0's
+        warnings.simplefilter("ignore", FutureWarning)
+        model = ray.train.torch.prepare_model(method,
+                                              parallel_strategy_kwargs={"broadcast_buffers": False})
     per_rank_batch = cfg.optim.batch_size // world
     steps = len(epoch_batches(len(train), per_rank_batch, 0, cfg.seed, rank, world))
     o = cfg.optim
@@ -94,7 +99,7 @@ def train_loop(config: dict) -> None:
         metrics: dict[str, float] = {"epoch": epoch}
 
         # --- E-step: cluster every rank's features in the actor, receive the same prototypes
-        if method.needs_prototypes and epoch >= method.prototype_warmup_epochs:
+        if method.uses_prototypes(epoch):
             features = encode(method.cluster_embed, train.images[shard], method, device=device,
                               precision=o.precision)
             refs = [ray.put(shard.numpy()), ray.put(features)]
@@ -103,7 +108,7 @@ def train_loop(config: dict) -> None:
             metrics["estep_s"] = time.perf_counter() - start
             metrics["estep_wait_s"] = time.perf_counter() - waited
             metrics["kmeans_s"] = prototypes.seconds
-        active = prototypes if method.needs_prototypes and epoch >= method.prototype_warmup_epochs else None
+        active = prototypes if method.uses_prototypes(epoch) else None
 
         # --- M-step: one pass over this rank's shard
         batches = epoch_batches(len(train), per_rank_batch, epoch, cfg.seed, rank, world)

@@ -199,7 +199,7 @@ def test_view_size_resizes_training_views_and_evaluation_keeps_the_images_side()
 
     from methods.training import encode
     from methods.views import to_input
-    from orchestration.experiment import make_method
+    from orchestration.builders import make_method
 
     method = make_method(build_config(overrides=["data.view_size=20"]), 1, 28)
     images = torch.randint(0, 256, (3, 1, 28, 28), dtype=torch.uint8)
@@ -208,3 +208,34 @@ def test_view_size_resizes_training_views_and_evaluation_keeps_the_images_side()
     side = encode(lambda x: x.new_full((len(x), 1), x.shape[-1]), images, method, native_size=True)
     assert (side == 28).all()  # evaluation: the images' own side
     assert make_method(build_config(), 1, 28).views.size == 28  # unset: the images' own side
+
+
+def test_yaml_numbers_without_a_dot_are_floats_wherever_the_constructor_takes_one():
+    """YAML reads ``1e-1`` as a string; a method hyperparameter typed float takes it as 0.1, as
+    ``optim.lr`` always did."""
+    cfg = build_config({}, ["method.temperature=1e-1", "optim.lr=1e-1"])
+    assert cfg.method.hparams["temperature"] == 0.1 and isinstance(cfg.method.hparams["temperature"], float)
+    assert cfg.optim.lr == 0.1
+    assert cfg.method.schedule().temperature == 0.1
+    with pytest.raises(ConfigError, match="method.queue_size must be an integer"):
+        build_config({}, ["method.queue_size=1e3"])
+
+
+def test_the_method_owns_its_prototype_schedule():
+    """Warm-up and temperature of the E-step come from the method's schedule, defaults included;
+    methods that never cluster have none."""
+    cfg = build_config({}, ["method={name: pcl, temperature: 0.3}", "optim.epochs=30"])
+    assert cfg.method.schedule().temperature == 0.3
+    assert cfg.method.schedule().warmup_epochs == registry.hyperparameters("pcl")["warmup_epochs"]
+    assert build_config({}, ["method.name=simclr"]).method.schedule() is None
+    wrapped = build_config({}, ["method={name: pcl, regularizer: icl_msr, warmup_epochs: 3}"])
+    assert wrapped.method.schedule().warmup_epochs == 3
+    schedule = cfg.method.schedule()
+    assert not schedule.active(schedule.warmup_epochs - 1) and schedule.active(schedule.warmup_epochs)
+
+
+def test_no_prototype_actor_cpu_for_methods_that_never_cluster():
+    from orchestration.run import cpus_per_run
+
+    pcl, simclr = build_config(), build_config({}, ["method.name=simclr"])
+    assert cpus_per_run(pcl) == cpus_per_run(simclr) + pcl.clustering.cpus

@@ -1,4 +1,4 @@
-"""CPC (issue 7): the row-causal context, the patch grid, the InfoNCE over the grid against a
+"""CPC: the row-causal context, the patch grid, the InfoNCE over the grid against a
 loop over eq. 4, and training on digits (upsampled to 16 px for a 3 x 3 grid of 8 px patches)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""InstDisc (issue 7): the NCE loss against the paper's probabilities computed directly, the
+"""InstDisc: the NCE loss against the paper's probabilities computed directly, the
 sharded memory bank, its per-rank checkpoint files, MoCo's FIFO queue against lightly's
 MemoryBankModule, and training on digits in one process and through Ray with two workers
 (including a worker killed and resumed with its bank shard)."""
@@ -21,7 +21,8 @@ from methods.momentum import FeatureQueue, MemoryBank
 from methods.registry import build_method
 from methods.training import OptimConfig, encode, epoch_batches, fit
 from methods.views import view_spec
-from orchestration.experiment import load_rank_state, load_splits, save_rank_state
+from orchestration.builders import load_splits
+from orchestration.checkpoints import load_rank_state, save_rank_state
 
 # T 0.1 (the authors' CIFAR setting) and a small lr: the NCE gradient sums m noise terms; on
 # digits (n = 1,347, 4 epochs) kNN went 0.896 -> 0.871 at lr 0.05, -> 0.951 at lr 0.002
@@ -124,7 +125,7 @@ def test_instdisc_learns_on_digits():
 def test_two_workers_shard_checkpoint_and_resume_the_bank(ray_cluster, tiny_config, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from orchestration.experiment import make_method
+    from orchestration.builders import make_method
     from orchestration.run import train
     from orchestration.worker import _online_knn
 

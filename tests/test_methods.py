@@ -12,9 +12,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from methods.backbones import build_backbone
+from methods.batchnorm import split_batch_forward
 from methods.data import load_digits
 from methods.evaluation import knn_accuracy
-from methods.momentum import FeatureQueue, ema_update, momentum_copy, split_batch_forward
+from methods.momentum import FeatureQueue, ema_update, momentum_copy
 from methods.registry import available, build_method, hyperparameters
 from methods.training import NonFiniteLossError, OptimConfig, encode, epoch_batches, fit
 from methods.views import view_spec

@@ -92,10 +92,10 @@ ICL_PCL = ("{name: pcl, regularizer: icl_msr, temperature: 0.2, momentum: 0.9, q
 
 @pytest.mark.parametrize("method", [ICL_PCL, "{name: selfcon, proj_hidden_dim: 128}"],
                          ids=["icl_msr_on_pcl", "selfcon_s"])
-def test_two_workers_train_issue6_methods(ray_cluster, tiny_config, method):
+def test_two_workers_train_icl_msr_and_selfcon(ray_cluster, tiny_config, method):
     """ICL-MSR's meta step (its own optimiser and all-reduce beside DDP) and SelfCon's two exits
     through Ray Train with two workers."""
-    from orchestration.experiment import make_method
+    from orchestration.builders import make_method
 
     cfg = tiny_config(f"method={method}", "optim.epochs=2")
     summary = train(cfg, evaluate=False)

@@ -12,9 +12,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 from ray import tune
 
-from orchestration import sweep
 from orchestration.config import ConfigError, load_config
-from orchestration.tuning import load_space, validate_space
+from orchestration.sweep import load_space, run_sweep, validate_space
 from tests.conftest import ROOT
 
 TINY = ROOT / "configs" / "tiny_digits.yaml"
@@ -74,7 +73,7 @@ def test_asha_sweep_stops_a_trial_and_nests_runs(ray_cluster, tiny_config):
     # fall below the median of the trials before them and stop at epoch 1 (.880) or 2 (.900).
     space = {"method.temperature": tune.grid_search([0.1, 0.3]),
              "clustering.num_clusters": tune.grid_search([[10, 20], [20, 40]])}
-    table = sweep(cfg, space, num_samples=1, scheduler="asha", grace_period=1, reduction_factor=2,
+    table = run_sweep(cfg, space, num_samples=1, scheduler="asha", grace_period=1, reduction_factor=2,
                   max_concurrent_trials=1, evaluate=False)
     print(table.to_string())
 

@@ -1,21 +1,28 @@
-"""One module per method; importing this package registers them all."""
+"""Every method and regulariser protoray ships, one module each.
 
-from methods.zoo import (
-    byol,
-    cmc,
-    cpc,
-    dino,
-    instdisc,
-    moco,
-    moco_v3,
-    pcl,
-    selfcon,
-    simclr,
-    simsiam,
-    supcon,
-    supervised,
-    swav,
-)
+To add a method: write ``methods/zoo/<name>.py`` with a ``Method`` subclass whose class attribute
+``name`` is its config name, and list the class in ``METHODS`` below. A regulariser (a wrapper
+that adds a term to any two-view method) goes in ``REGULARIZERS``.
+"""
 
-__all__ = ["byol", "cmc", "cpc", "dino", "instdisc", "moco", "moco_v3", "pcl", "selfcon", "simclr",
-           "simsiam", "supcon", "supervised", "swav"]
+from methods.zoo.byol import BYOL
+from methods.zoo.cmc import CMC
+from methods.zoo.cpc import CPC
+from methods.zoo.dino import DINO
+from methods.zoo.icl_msr import ICLMSR
+from methods.zoo.instdisc import InstDisc
+from methods.zoo.moco import MoCo
+from methods.zoo.moco_v3 import MoCoV3
+from methods.zoo.pcl import PCL
+from methods.zoo.selfcon import SelfCon
+from methods.zoo.simclr import SimCLR
+from methods.zoo.simsiam import SimSiam
+from methods.zoo.supcon import SupCon
+from methods.zoo.supervised import Supervised
+from methods.zoo.swav import SwAV
+
+METHODS = (BYOL, CMC, CPC, DINO, InstDisc, MoCo, MoCoV3, PCL, SelfCon, SimCLR, SimSiam, SupCon,
+           Supervised, SwAV)
+REGULARIZERS = (ICLMSR,)
+
+__all__ = ["METHODS", "REGULARIZERS"]

@@ -15,7 +15,6 @@ from methods.base import Batch, Method
 from methods.heads import projection_mlp
 from methods.losses import negative_cosine
 from methods.momentum import check_momentum, cosine_momentum, ema_update, momentum_copy
-from methods.registry import register
 from methods.views import ViewSpec
 
 
@@ -25,8 +24,9 @@ def embedding_std(z: torch.Tensor) -> float:
     return F.normalize(z.detach(), dim=1).std(dim=0).mean().item()
 
 
-@register("byol")
 class BYOL(Method):
+    name = "byol"
+
     def __init__(self, backbone: nn.Module, views: ViewSpec, momentum: float = 0.996,
                  proj_hidden_dim: int = 4096, proj_dim: int = 256, pred_hidden_dim: int = 4096,
                  seed: int = 0):

@@ -24,7 +24,6 @@ import torch.nn.functional as F
 
 from methods.base import Batch, Method
 from methods.losses import check_temperature, cosine_score
-from methods.registry import register
 from methods.views import ViewSpec, augment
 
 
@@ -72,8 +71,8 @@ def cpc_info_nce(predictions: torch.Tensor, z: torch.Tensor, steps: int, tempera
     For every image b, row i, column j and step k, the score of candidate patch z_n is
     cos(W_k c_{b,i,j}, z_n) / t: eq. 3's bilinear f_k with both sides normalised (the review's
     cosine score). The positive is z_{b,i+k,j}; the candidates are all patches of all images in
-    ``z``. The paper's raw bilinear score diverged here (NaN at lr 0.05 on digits; at lr 0.002
-    kNN fell from 0.827 to 0.787 in 2 epochs, against 0.902 with the cosine at t 0.1).
+    ``z``. The paper's raw bilinear score diverged here or, at a small lr, made kNN fall on
+    digits, where the cosine score trained (benchmarks/RESULTS.md).
 
     Args:
         predictions: ``[steps, B, G, G, D]`` W_k c for every k (rows i + k past the grid unused).
@@ -91,8 +90,9 @@ def cpc_info_nce(predictions: torch.Tensor, z: torch.Tensor, steps: int, tempera
     return torch.stack(losses).mean()
 
 
-@register("cpc")
 class CPC(Method):
+    name = "cpc"
+
     def __init__(self, backbone: nn.Module, views: ViewSpec, patch_size: int = 0,
                  prediction_steps: int = 3, context_layers: int = 2, images_per_contrast: int = 16,
                  temperature: float = 0.1, image_size: int = 0, seed: int = 0):
@@ -128,8 +128,8 @@ class CPC(Method):
     def augmented_patch_codes(self, images: torch.Tensor) -> torch.Tensor:
         """z for a training batch: every patch augmented on its own (CPC v2's patch-wise
         augmentation, Henaff et al. 2019, sec. 4.2). Without it the predictor reads the pixels
-        that overlapping patches share: measured on digits, the loss fell but kNN went from 0.827
-        to 0.787 in 2 epochs; with it, 0.902 against 0.871 without."""
+        that overlapping patches share: on digits the loss fell but kNN fell with it
+        (benchmarks/RESULTS.md)."""
         side = self.image_size or self.views.size or images.shape[-1]
         if side != images.shape[-1]:
             images = resize(images.float(), side).round().clamp(0, 255).to(torch.uint8)

@@ -16,12 +16,12 @@ from methods.base import Batch, Method
 from methods.heads import DINOHead
 from methods.losses import check_temperature, dino_loss, update_center
 from methods.momentum import check_momentum, cosine_momentum, ema_update, momentum_copy
-from methods.registry import register
 from methods.views import ViewSpec
 
 
-@register("dino")
 class DINO(Method):
+    name = "dino"
+
     def __init__(self, backbone: nn.Module, views: ViewSpec, out_dim: int = 65536,
                  hidden_dim: int = 2048, bottleneck_dim: int = 256, student_temperature: float = 0.1,
                  teacher_temperature: float = 0.07, warmup_teacher_temperature: float = 0.04,

@@ -31,10 +31,7 @@ from torch.func import functional_call
 
 from methods.base import Batch, DevicePrototypes, Method
 from methods.losses import uniformity
-from methods.registry import is_two_view
 from methods.views import to_input
-
-REGULARIZER = "icl_msr"
 
 
 def semantic_regularizer(in_channels: int, channels: int, num_semantics: int) -> nn.Sequential:
@@ -106,11 +103,13 @@ class ICLMSR(Method):
     """Wraps a two-view base method (SimCLR, MoCo v2, PCL, SupCon) with the meta semantic
     regularizer. Checkpoints hold ``base.*`` and ``f_msr.*``."""
 
+    name = "icl_msr"
+
     def __init__(self, base: Method, lambda_: float = 0.5, gamma: float = 0.1, alpha: float = 0.01,
                  num_semantics: int = 4, uniformity_t: float = 2.0, msr_lr: float = 1e-3,
                  second_order: bool = True):
         nn.Module.__init__(self)
-        if not is_two_view(base.name):
+        if not base.is_two_view():
             raise ValueError(f"method.regularizer: icl_msr needs a two-view method (simclr, moco, "
                              f"pcl, supcon); {base.name} is not one")
         if num_semantics < 2:
@@ -122,8 +121,7 @@ class ICLMSR(Method):
             raise ValueError("method.uniformity_t and method.msr_lr must be > 0")
         self.base = base
         self.views, self.generator = base.views, base.generator
-        self.needs_prototypes = base.needs_prototypes
-        self.prototype_warmup_epochs = base.prototype_warmup_epochs
+        self.schedule = base.schedule
         self.lambda_, self.gamma, self.alpha = lambda_, gamma, alpha
         self.uniformity_t, self.second_order = uniformity_t, second_order
         first_conv = next(m for m in base.backbone.modules() if isinstance(m, nn.Conv2d))
@@ -215,7 +213,8 @@ class ICLMSR(Method):
                            view_state: torch.Tensor) -> list[torch.Tensor]:
         """-alpha * lambda * (d2 L_msr / dphi dtheta) v as (g(theta + eps v) - g(theta - eps v)) / 2eps,
         g = dL_msr/dphi (DARTS eq. 8). DARTS steps 0.01 / ||v||; on a ReLU + max-pool net a step that
-        long crosses kinks (measured: cosine 0.43 to the exact gradient on digits), 1e-4 does not."""
+        long crosses kinks and strays far from the exact gradient (benchmarks/RESULTS.md); 1e-4 does
+        not."""
         norm = torch.sqrt(sum((d * d).sum() for d in direction))
         if self.lambda_ == 0 or norm == 0:
             return [torch.zeros_like(p) for p in phi.values()]
@@ -249,6 +248,9 @@ class ICLMSR(Method):
 
     def on_step_end(self) -> None:
         self.base.on_step_end()
+
+    def check_batch_size(self, batch_size: int) -> None:
+        self.base.check_batch_size(batch_size)
 
     @torch.no_grad()
     def embed(self, x: torch.Tensor) -> torch.Tensor:

@@ -11,22 +11,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from methods.base import Batch, Method
+from methods.base import Batch, Method, check_at_least
+from methods.batchnorm import check_bn_splits, split_batch_forward
 from methods.heads import projection_mlp
 from methods.losses import check_temperature, gather_no_grad, info_nce
-from methods.momentum import (
-    FeatureQueue,
-    check_momentum,
-    ema_update,
-    momentum_copy,
-    split_batch_forward,
-)
-from methods.registry import register
+from methods.momentum import FeatureQueue, check_momentum, ema_update, momentum_copy
 from methods.views import ViewSpec
 
 
-@register("moco")
 class MoCo(Method):
+    name = "moco"
+
     def __init__(self, backbone: nn.Module, views: ViewSpec, temperature: float = 0.2,
                  momentum: float = 0.999, queue_size: int = 65536, proj_hidden_dim: int = 2048,
                  proj_dim: int = 128, proj_layers: int = 2, bn_splits: int = 1, seed: int = 0):
@@ -35,6 +30,7 @@ class MoCo(Method):
         check_momentum(momentum)
         if bn_splits < 1:
             raise ValueError(f"method.bn_splits must be >= 1 (1 = no split), got {bn_splits}")
+        check_at_least(queue_size, 1, "method.queue_size")
         self.bn_splits = bn_splits
         self.temperature = temperature
         self.momentum = momentum
@@ -44,6 +40,9 @@ class MoCo(Method):
         self.encoder_k = momentum_copy(self.encoder_q)
         self.queue = FeatureQueue(queue_size, proj_dim)
         self._pending_keys: torch.Tensor | None = None
+
+    def check_batch_size(self, batch_size: int) -> None:
+        check_bn_splits(self.bn_splits, batch_size)
 
     def pair_features(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Query-side backbone feature (with gradient) and key-side momentum feature, each batch

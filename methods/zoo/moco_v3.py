@@ -15,12 +15,12 @@ from methods.base import Batch, Method
 from methods.heads import projection_mlp
 from methods.losses import check_temperature, info_nce_in_batch
 from methods.momentum import check_momentum, cosine_momentum, ema_update, momentum_copy
-from methods.registry import register
 from methods.views import ViewSpec
 
 
-@register("moco_v3")
 class MoCoV3(Method):
+    name = "moco_v3"
+
     def __init__(self, backbone: nn.Module, views: ViewSpec, temperature: float = 0.2,
                  momentum: float = 0.99, proj_hidden_dim: int = 4096, proj_dim: int = 256,
                  pred_hidden_dim: int = 4096, seed: int = 0):

@@ -7,19 +7,20 @@ and away from ``num_negative_prototypes`` others, each scaled by its concentrati
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 import torch.nn as nn
 
-from methods.base import Batch, DevicePrototypes
+from methods.base import Batch, DevicePrototypes, PrototypeSchedule, check_at_least
 from methods.losses import info_nce, proto_nce, sample_negative_prototypes
-from methods.registry import register
 from methods.views import ViewSpec
 from methods.zoo.moco import MoCo
 
 
-@register("pcl")
 class PCL(MoCo):
-    needs_prototypes = True
+    name = "pcl"
 
     def __init__(self, backbone: nn.Module, views: ViewSpec, temperature: float = 0.2,
                  momentum: float = 0.999, queue_size: int = 16384, proj_hidden_dim: int = 2048,
@@ -28,13 +29,18 @@ class PCL(MoCo):
                  seed: int = 0):
         super().__init__(backbone, views, temperature, momentum, queue_size, proj_hidden_dim,
                          proj_dim, proj_layers, bn_splits, seed)
-        if warmup_epochs < 0:
-            raise ValueError(f"method.warmup_epochs must be >= 0, got {warmup_epochs}")
-        if proto_weight < 0:
-            raise ValueError(f"method.proto_weight must be >= 0, got {proto_weight}")
+        check_at_least(warmup_epochs, 0, "method.warmup_epochs")
+        check_at_least(proto_weight, 0, "method.proto_weight")
+        check_at_least(num_negative_prototypes, 1, "method.num_negative_prototypes")
         self.num_negative_prototypes = num_negative_prototypes
-        self.prototype_warmup_epochs = warmup_epochs
         self.proto_weight = proto_weight
+        self.schedule = self.prototype_schedule({"warmup_epochs": warmup_epochs,
+                                                 "temperature": temperature})
+
+    @classmethod
+    def prototype_schedule(cls, hparams: Mapping[str, Any]) -> PrototypeSchedule:
+        """E-steps from ``warmup_epochs`` on; phi's mean is the InfoNCE temperature (eq. 12)."""
+        return PrototypeSchedule(hparams["warmup_epochs"], hparams["temperature"])
 
     def pair_loss(self, h_q: torch.Tensor, h_k: torch.Tensor, batch: Batch,
                   prototypes: DevicePrototypes | None = None, record: bool = True

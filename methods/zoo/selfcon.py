@@ -11,6 +11,8 @@ branch after the second of four stages, an "fc" sub-network.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn as nn
 
@@ -18,17 +20,18 @@ from methods.backbones import MultiExit
 from methods.base import Batch, Method
 from methods.heads import projection_mlp
 from methods.losses import check_temperature, selfcon
-from methods.registry import register
 from methods.views import ViewSpec
 from methods.zoo.supcon import batch_labels
 
 
-@register("selfcon")
 class SelfCon(Method):
+    name = "selfcon"
+
     def __init__(self, backbone: nn.Module, views: ViewSpec, temperature: float = 0.1,
                  base_temperature: float = 0.07, multi_view: bool = False, supervised: bool = True,
-                 branch_after: int = 2, sub_network: str = "fc", proj_hidden_dim: int = 2048,
-                 proj_dim: int = 128, gather_distributed: bool = True, seed: int = 0):
+                 branch_after: int = 2, sub_network: Literal["fc", "same"] = "fc",
+                 proj_hidden_dim: int = 2048, proj_dim: int = 128, gather_distributed: bool = True,
+                 seed: int = 0):
         super().__init__(backbone, views, seed)
         check_temperature(temperature, "method.temperature")
         check_temperature(base_temperature, "method.base_temperature")

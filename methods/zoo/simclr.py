@@ -9,12 +9,12 @@ import torch.nn as nn
 from methods.base import Batch, Method
 from methods.heads import projection_mlp
 from methods.losses import check_temperature, nt_xent
-from methods.registry import register
 from methods.views import ViewSpec
 
 
-@register("simclr")
 class SimCLR(Method):
+    name = "simclr"
+
     def __init__(self, backbone: nn.Module, views: ViewSpec, temperature: float = 0.5,
                  proj_hidden_dim: int = 2048, proj_dim: int = 128, gather_distributed: bool = True,
                  seed: int = 0):

@@ -12,13 +12,13 @@ import torch.nn as nn
 from methods.base import Batch, Method
 from methods.heads import projection_mlp
 from methods.losses import negative_cosine
-from methods.registry import register
 from methods.views import ViewSpec
 from methods.zoo.byol import embedding_std
 
 
-@register("simsiam")
 class SimSiam(Method):
+    name = "simsiam"
+
     def __init__(self, backbone: nn.Module, views: ViewSpec, proj_hidden_dim: int = 2048,
                  proj_dim: int = 2048, pred_hidden_dim: int = 512, seed: int = 0):
         super().__init__(backbone, views, seed)

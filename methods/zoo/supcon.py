@@ -7,13 +7,14 @@ Defaults follow the authors' CIFAR recipe: temperature 0.1, base temperature 0.0
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn as nn
 
 from methods.base import Batch, Method
 from methods.heads import projection_mlp
 from methods.losses import check_temperature, supcon
-from methods.registry import register
 from methods.views import ViewSpec
 
 
@@ -27,11 +28,12 @@ def batch_labels(batch: Batch, supervised: bool) -> torch.Tensor | None:
     return batch.labels
 
 
-@register("supcon")
 class SupCon(Method):
+    name = "supcon"
+
     def __init__(self, backbone: nn.Module, views: ViewSpec, temperature: float = 0.1,
                  base_temperature: float = 0.07, supervised: bool = True,
-                 contrast_mode: str = "all", sum_inside_log: bool = False,
+                 contrast_mode: Literal["all", "one"] = "all", sum_inside_log: bool = False,
                  proj_hidden_dim: int = 2048, proj_dim: int = 128, gather_distributed: bool = True,
                  seed: int = 0):
         super().__init__(backbone, views, seed)

@@ -13,13 +13,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from methods.base import Batch, DevicePrototypes, Method
-from methods.registry import register
 from methods.views import ViewSpec
 from methods.zoo.supcon import batch_labels
 
 
-@register("supervised")
 class Supervised(Method):
+    name = "supervised"
+
     def __init__(self, backbone: nn.Module, views: ViewSpec, num_classes: int = 10, seed: int = 0):
         super().__init__(backbone, views, seed)
         if num_classes < 2:

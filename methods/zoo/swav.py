@@ -18,12 +18,12 @@ import torch.nn.functional as F
 from methods.base import Batch, Method
 from methods.heads import projection_mlp
 from methods.losses import check_temperature, swav_loss
-from methods.registry import register
 from methods.views import ViewSpec
 
 
-@register("swav")
 class SwAV(Method):
+    name = "swav"
+
     def __init__(self, backbone: nn.Module, views: ViewSpec, temperature: float = 0.1,
                  num_prototypes: int = 3000, proj_hidden_dim: int = 2048, proj_dim: int = 128,
                  sinkhorn_iterations: int = 3, epsilon: float = 0.05, num_local_crops: int = 0,

@@ -1,6 +1,6 @@
-"""Issue 7 pieces so far: losses against lightly (NegativeCosineSimilarity, SwaVLoss with its
-Sinkhorn, DINOLoss with its centre) or the paper's equation; BYOL, SimSiam, MoCo v3, SwAV and
-DINO training on digits (BYOL and SimSiam without collapsing)."""
+"""The zoo's losses against lightly (NegativeCosineSimilarity, SwaVLoss with its Sinkhorn,
+DINOLoss with its centre) or the paper's equation; BYOL, SimSiam, MoCo v3, SwAV and DINO training
+on digits in one process (BYOL and SimSiam without collapsing)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""Issue 7's methods through Ray Train with two workers (DDP on gloo) on digits: two epochs
-each, beating the same encoder's kNN at initialisation; BYOL and SimSiam do not collapse.
+"""BYOL, SimSiam, MoCo v3, SwAV, DINO, CMC and CPC through Ray Train with two workers (DDP on
+gloo) on digits: two epochs each, beating the same encoder's kNN at initialisation; BYOL and
+SimSiam do not collapse.
 InstDisc's run, with a worker killed and its bank shard resumed, is in test_instdisc."""
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ import math
 import pytest
 from mlflow.tracking import MlflowClient
 
-from orchestration.experiment import load_splits, make_method
+from orchestration.builders import load_splits, make_method
 from orchestration.run import train
 from orchestration.worker import _online_knn
 
@@ -25,7 +26,7 @@ METHODS = {
     "cmc": "{name: cmc, temperature: 0.2}",
     "cpc": "{name: cpc, prediction_steps: 2, image_size: 16}",
 }
-# the slow starters on digits (see test_lineage); others 2. MoCo v3 after 2 epochs: 0.800 -> 0.785
+# the slow starters on digits (see test_zoo); others 2. MoCo v3 after 2 epochs: 0.800 -> 0.785
 EPOCHS = {"byol": 4, "cmc": 4, "moco_v3": 4}
 # SimSiam at its paper's lr rule, 0.05 x batch / 256 (sec. 4), here the global batch 64. At the
 # tiny config's 0.05 it learned or not depending on the seed and on the float path: seeds 0 / 1 / 2

@@ -2,8 +2,8 @@
 actor) nested under one MLflow parent run.
 
     from ray import tune
-    from orchestration import sweep
-    table = sweep("configs/pcl_fashion_mnist.yaml",
+    from orchestration.sweep import run_sweep
+    table = run_sweep("configs/pcl_fashion_mnist.yaml",
                   {"method.temperature": tune.loguniform(0.05, 0.5),
                    "clustering.num_clusters": tune.choice([[10, 20], [10, 20, 50]])},
                   num_samples=16, scheduler="asha")
@@ -32,13 +32,13 @@ from ray import tune
 from ray.tune.search.basic_variant import BasicVariantGenerator
 from ray.tune.search.sample import Categorical, Domain, Float, Integer
 
-from orchestration.config import ConfigError, ExperimentConfig, build_config, load_config, set_path, to_yaml
+from orchestration import tracking
+from orchestration.config import ConfigError, ExperimentConfig, build_config, load_config, set_path
 from orchestration.run import cpus_per_run, ensure_ray, execute
 from orchestration.tracking import resolve_tracking_uri
 
 METRIC = "knn_holdout"  # what every epoch reports and ASHA ranks
 SWEEP_FILE = "protoray_sweep.json"  # what a resumed sweep needs besides Tune's own state
-TRIAL_TAG = "protoray.trial_id"
 EPOCHS = "epochs_done"  # ASHA's time attribute: epochs trained, counted across resumes
 
 
@@ -103,10 +103,7 @@ def _report_callback():
 
 def _replay(client: MlflowClient, run_id: str) -> None:
     """Report a finished trial's recorded epochs to Tune instead of training it again."""
-    history: dict[int, dict[str, float]] = {}
-    for key in (METRIC, "loss"):
-        for m in client.get_metric_history(run_id, key):
-            history.setdefault(m.step, {})[key] = m.value
+    history = tracking.epoch_history(client, run_id, (METRIC, "loss"))
     for epoch in sorted(history):
         tune.report({**history[epoch], "epoch": epoch, EPOCHS: epoch + 1})
 
@@ -122,30 +119,26 @@ def _trial(params: dict[str, Any], sweep_dir: str) -> None:
     uri, parent = spec["tracking_uri"], spec["parent_run_id"]
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
-    found = client.search_runs([spec["experiment_id"]], f"tags.`{TRIAL_TAG}` = '{trial_id}' and "
-                                                        f"tags.`mlflow.parentRunId` = '{parent}'")
-    if found and found[0].info.status == "FINISHED":  # finished before the driver was killed
-        _replay(client, found[0].info.run_id)
+    run_id, finished = tracking.open_trial_run(client, spec["experiment_id"], parent, trial_id, cfg,
+                                               params)
+    if finished:  # finished before the driver was killed
+        _replay(client, run_id)
         return
-    if found:
-        run_id = found[0].info.run_id
-        client.update_run(run_id, status="RUNNING")
-    else:
-        run_id = client.create_run(spec["experiment_id"], run_name=f"trial-{trial_id}",
-                                   tags={"mlflow.parentRunId": parent, TRIAL_TAG: trial_id}).info.run_id
-    client.log_dict(run_id, params, "trial_params.json")
     # If this raises, or Tune stops the trial (ASHA), the run stays RUNNING here and the sweep's
     # driver closes it as FAILED or KILLED once it knows which.
     execute(cfg, run_id, uri, evaluate=spec["evaluate"], callbacks=(_report_callback(),),
             storage_path=str(Path(sweep_dir) / "train"), name=f"trial-{trial_id}")
-    client.set_terminated(run_id, "FINISHED")
+    tracking.close_trial_run(client, run_id, "finished")
 
 
 def _trainable(sweep_dir: str, cfg: ExperimentConfig):
     """The trial function with its placement group: one CPU for the trial's own driver (it also
-    runs the final evaluation) and a bundle for the prototype actor it starts, which Tune requires
-    of actors launched from a trial. The Train workers get their own placement group from Train."""
-    bundles = [{"CPU": 1}, {"CPU": cfg.clustering.cpus}]
+    runs the final evaluation) and, for methods that cluster, a bundle for the prototype actor it
+    starts, which Tune requires of actors launched from a trial. The Train workers get their own
+    placement group from Train."""
+    bundles = [{"CPU": 1}]
+    if cfg.method.schedule() is not None:
+        bundles.append({"CPU": cfg.clustering.cpus})
     return tune.with_resources(tune.with_parameters(_trial, sweep_dir=sweep_dir),
                                tune.PlacementGroupFactory(bundles))
 
@@ -163,7 +156,7 @@ def _concurrency(requested: int, cfg: ExperimentConfig) -> int:
     return min(requested, fits)
 
 
-def sweep(config: ExperimentConfig | str | Path, space: dict[str, Any], num_samples: int = 16,
+def run_sweep(config: ExperimentConfig | str | Path, space: dict[str, Any], num_samples: int = 16,
           scheduler: str = "asha", max_concurrent_trials: int = 2, evaluate: bool = True,
           grace_period: int = 1, reduction_factor: float = 3, seed: int | None = None,
           address: str | None = None) -> pd.DataFrame:
@@ -189,22 +182,18 @@ def sweep(config: ExperimentConfig | str | Path, space: dict[str, Any], num_samp
     ensure_ray(address, max_concurrent_trials * cpus_per_run(cfg))
     concurrent = _concurrency(max_concurrent_trials, cfg)
     uri = base["tracking"]["tracking_uri"]
-    mlflow.set_tracking_uri(uri)
-    experiment = mlflow.set_experiment(cfg.tracking.experiment_name)
-    with mlflow.start_run(run_name=f"sweep-{cfg.method.name}") as parent:
+    experiment_id = tracking.start_experiment(uri, cfg.tracking.experiment_name)
+    with tracking.open_run(f"sweep-{tracking.run_name(cfg)}") as parent:
         parent_id = parent.info.run_id
         sweep_dir = Path(base["tracking"]["storage_path"]) / f"sweep-{parent_id}"
         sweep_dir.mkdir(parents=True, exist_ok=True)
         (sweep_dir / SWEEP_FILE).write_text(json.dumps({
             "base": base, "parent_run_id": parent_id, "tracking_uri": uri, "evaluate": evaluate,
-            "experiment_id": experiment.experiment_id}))
-        mlflow.log_params({"scheduler": scheduler, "num_samples": num_samples,
-                           "max_concurrent_trials": max_concurrent_trials, "method": cfg.method.name,
-                           "grace_period": grace_period, "reduction_factor": reduction_factor,
-                           "seed": seed})
-        mlflow.log_dict({k: repr(v) for k, v in space.items()}, "space.json")
-        mlflow.log_text(to_yaml(cfg), "base_config.yaml")
-        mlflow.set_tag("sweep_dir", str(sweep_dir))
+            "experiment_id": experiment_id}))
+        tracking.log_sweep_start(cfg, {
+            "scheduler": scheduler, "num_samples": num_samples, "seed": seed,
+            "max_concurrent_trials": max_concurrent_trials, "method": cfg.method.name,
+            "grace_period": grace_period, "reduction_factor": reduction_factor}, space, sweep_dir)
         print(f"sweep {parent_id}: {num_samples} trials; resume with: protoray sweep --resume {sweep_dir}",
               flush=True)
         # stop_last_trials=False: a trial that reaches the last epoch ends by itself, so its final
@@ -234,7 +223,7 @@ def resume_sweep(path: str | Path, address: str | None = None) -> pd.DataFrame:
     cfg = build_config(spec["base"])
     ensure_ray(address, 2 * cpus_per_run(cfg))
     mlflow.set_tracking_uri(spec["tracking_uri"])
-    with mlflow.start_run(run_id=spec["parent_run_id"]):
+    with tracking.open_run(run_id=spec["parent_run_id"]):
         tuner = tune.Tuner.restore(str(sweep_dir), _trainable(str(sweep_dir), cfg),
                                    resume_unfinished=True, resume_errored=True)
         return _finish(tuner.fit(), sweep_dir)
@@ -244,8 +233,7 @@ def _finish(results: tune.ResultGrid, sweep_dir: Path) -> pd.DataFrame:
     """The table, child runs of early-stopped trials closed, table and plot on the parent run."""
     spec = json.loads((sweep_dir / SWEEP_FILE).read_text())
     client = MlflowClient(spec["tracking_uri"])
-    children = {r.data.tags.get(TRIAL_TAG): r for r in client.search_runs(
-        [spec["experiment_id"]], f"tags.`mlflow.parentRunId` = '{spec['parent_run_id']}'")}
+    children = tracking.trial_runs(client, spec["experiment_id"], spec["parent_run_id"])
     max_epochs = spec["base"]["optim"]["epochs"]
     rows = []
     for result in results:
@@ -258,19 +246,12 @@ def _finish(results: tune.ResultGrid, sweep_dir: Path) -> pd.DataFrame:
         best = max((m.value for m in knn), default=math.nan)
         status = "error" if result.error else ("finished" if epochs >= max_epochs else "stopped early")
         if child and child.info.status == "RUNNING":  # stopped by Tune or failed mid-function
-            if status == "stopped early":
-                client.set_tag(child.info.run_id, "stopped_early", "true")
-            client.set_terminated(child.info.run_id, {"finished": "FINISHED", "error": "FAILED"}.get(
-                status, "KILLED"))
+            tracking.close_trial_run(client, child.info.run_id, status)
         rows.append({**result.config, "best_knn": best, "epochs": epochs, "status": status,
                      "trial_id": trial_id, "mlflow_run_id": child.info.run_id if child else None})
     table = pd.DataFrame(rows).sort_values("best_knn", ascending=False, na_position="last")
     table = table.reset_index(drop=True)
-    mlflow.log_text(table.to_csv(index=False), "sweep_table.csv")
-    mlflow.log_metrics({"best_knn": float(table["best_knn"].max()),
-                        "trial_epochs": float(table["epochs"].sum())})
-    mlflow.log_figure(_plot(table, [k for k in results[0].config] if len(results) else []),
-                      "sweep_knn.png")
+    tracking.log_sweep_table(table, _plot(table, [k for k in results[0].config] if len(results) else []))
     return table
 
 

@@ -1,0 +1,86 @@
+"""What ``protoray train`` prints: one line per epoch from the driver, and nothing else unless
+``--verbose`` asks for Ray's and the libraries' own output.
+
+The epoch lines are read back from the MLflow run the Train controller logs to, so the driver
+never talks to the workers (data flows one way) and an epoch is printed once, as it is logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import warnings
+
+from mlflow.tracking import MlflowClient
+
+from orchestration.tracking import epoch_history
+
+EPOCH_KEYS = ("loss", "knn_holdout", "estep_s", "epoch_s")
+
+
+def quiet_libraries(verbose: bool) -> None:
+    """Unless ``verbose``: no deprecation or future warnings, no INFO lines from MLflow or Ray in
+    this process (the workers' output is not forwarded at all: ``ray.init(log_to_driver=...)``)."""
+    if verbose:
+        return
+    for category in (DeprecationWarning, FutureWarning, PendingDeprecationWarning):
+        warnings.filterwarnings("ignore", category=category)
+    for name in ("mlflow", "ray", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def format_epoch(epoch: int, epochs: int, values: dict[str, float], seconds: list[float]) -> str:
+    """``epoch 3/6  loss 6.21  knn 0.803  e-step 14 s  epoch 118 s  eta 6 min``; ``seconds`` are
+    the durations of every epoch so far (this one included), for the time left."""
+    parts = [f"epoch {epoch + 1}/{epochs}"]
+    if "loss" in values:
+        parts.append(f"loss {values['loss']:.3f}")
+    if "knn_holdout" in values:
+        parts.append(f"knn {values['knn_holdout']:.3f}")
+    if "estep_s" in values:
+        parts.append(f"e-step {values['estep_s']:.0f} s")
+    if "epoch_s" in values:
+        parts.append(f"epoch {values['epoch_s']:.0f} s")
+    left = epochs - epoch - 1
+    if left > 0 and seconds:
+        eta = left * sum(seconds) / len(seconds)
+        parts.append(f"eta {eta / 60:.0f} min" if eta >= 90 else f"eta {eta:.0f} s")
+    return "  ".join(parts)
+
+
+class EpochPrinter:
+    """Polls the run's per-epoch metrics in a background thread and prints each new epoch once.
+
+    Use as a context manager around ``TorchTrainer.fit()``; on exit it prints what is left.
+    """
+
+    def __init__(self, tracking_uri: str, run_id: str, epochs: int, interval_s: float = 2.0):
+        self.client = MlflowClient(tracking_uri)
+        self.run_id, self.epochs, self.interval_s = run_id, epochs, interval_s
+        self.printed: set[int] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="epoch-printer")
+
+    def __enter__(self) -> EpochPrinter:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.poll()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.poll()
+            except Exception:  # a busy sqlite file: the next poll catches up
+                continue
+
+    def poll(self) -> None:
+        history = epoch_history(self.client, self.run_id, EPOCH_KEYS)
+        seconds = [v["epoch_s"] for _, v in sorted(history.items()) if "epoch_s" in v]
+        for epoch in sorted(set(history) - self.printed):
+            done = seconds[: sum(1 for e in history if e <= epoch and "epoch_s" in history[e])]
+            print(format_epoch(epoch, self.epochs, history[epoch], done), flush=True)
+            self.printed.add(epoch)
