@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from methods.evaluation import FAST_PROBE, embedding_plot, evaluate
+from methods.evaluation import FAST_PROBE, embedding_plot, evaluate, tsne_layout
 from methods.training import encode
 from orchestration.builders import Splits, load_splits, make_method
 from orchestration.checkpoints import load_state
@@ -60,7 +60,7 @@ def evaluate_checkpoint(checkpoint_file: Path, out_dir: Path, cfg: ExperimentCon
     train_x = encode(method.embed, splits.train.images, method, native_size=True)
     test_x = encode(method.embed, test.images, method, native_size=True)
     y_train, y_test = splits.train.labels.numpy(), test.labels.numpy()
-    # the fixed-C probe: choosing C would push `make demo` past its 10 minutes (FAST_PROBE)
+    # the fixed-C probe (FAST_PROBE): choosing C on held-out data costs several fits
     scores = evaluate(train_x, y_train, test_x, y_test, cfg.seed, probe=FAST_PROBE)
     metrics = {f"test_{k}": v for k, v in scores.items()}
     if with_pixels:
@@ -69,9 +69,10 @@ def evaluate_checkpoint(checkpoint_file: Path, out_dir: Path, cfg: ExperimentCon
         metrics.update({f"pixels_{k}": v for k, v in raw.items()})
     metrics["eval_s"] = time.perf_counter() - start
 
+    layout = tsne_layout(test_x, seed=cfg.seed)  # one t-SNE, coloured by label and by prototype
     artifacts = [embedding_plot(test_x, y_test, out_dir / "embedding_by_label.png",
                                 f"{cfg.method.name}: test embedding by label", test.classes,
-                                seed=cfg.seed)]
+                                layout=layout)]
     protos = state.get("prototypes")
     if protos:
         cluster_x = encode(method.cluster_embed, splits.train.images, method)
@@ -81,5 +82,5 @@ def evaluate_checkpoint(checkpoint_file: Path, out_dir: Path, cfg: ExperimentCon
         test_clusters = np.argmax(encode(method.cluster_embed, test.images, method) @ centroids.T, 1)
         artifacts.append(embedding_plot(test_x, test_clusters, out_dir / "embedding_by_cluster.png",
                                         f"{cfg.method.name}: test embedding by prototype "
-                                        f"(K={len(centroids)})", seed=cfg.seed))
+                                        f"(K={len(centroids)})", layout=layout))
     return metrics, artifacts

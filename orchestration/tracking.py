@@ -82,6 +82,7 @@ def _log_dataset(run_id: str, cfg: ExperimentConfig) -> None:
     from mlflow.data.code_dataset_source import CodeDatasetSource
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.tracking.fluent import _create_dataset_input  # what mlflow.log_input builds
 
     from methods.data import FASHION_MNIST_ROOT
 
@@ -97,8 +98,8 @@ def _log_dataset(run_id: str, cfg: ExperimentConfig) -> None:
                          "knn_holdout": d.knn_holdout}, sort_keys=True)
     digest = hashlib.sha256(chosen.encode()).hexdigest()[:12]
     tags = {"limit": str(d.limit or "all"), "knn_holdout": str(d.knn_holdout)}
-    mlflow.log_input(MetaDataset(source, name=d.name, digest=digest), context="training",
-                     tags=tags, run_id=run_id)
+    dataset = MetaDataset(source, name=d.name, digest=digest)
+    MlflowClient().log_inputs(run_id, [_create_dataset_input(dataset, "training", tags)])
 
 
 def log_estep(run_id: str, estep_log: dict) -> None:

@@ -99,7 +99,8 @@ def train_loop(config: dict) -> None:
         metrics: dict[str, float] = {"epoch": epoch}
 
         # --- E-step: cluster every rank's features in the actor, receive the same prototypes
-        if method.uses_prototypes(epoch):
+        clustered = method.uses_prototypes(epoch)
+        if clustered:
             features = encode(method.cluster_embed, train.images[shard], method, device=device,
                               precision=o.precision)
             refs = [ray.put(shard.numpy()), ray.put(features)]
@@ -108,7 +109,7 @@ def train_loop(config: dict) -> None:
             metrics["estep_s"] = time.perf_counter() - start
             metrics["estep_wait_s"] = time.perf_counter() - waited
             metrics["kmeans_s"] = prototypes.seconds
-        active = prototypes if method.uses_prototypes(epoch) else None
+        active = prototypes if clustered else None
 
         # --- M-step: one pass over this rank's shard
         batches = epoch_batches(len(train), per_rank_batch, epoch, cfg.seed, rank, world)

@@ -109,3 +109,31 @@ def test_two_workers_train_icl_msr_and_selfcon(ray_cluster, tiny_config, method)
         initial = make_method(cfg, 1, 8).state_dict()
         moved = [k for k in state if k.startswith("f_msr.") and not torch.equal(state[k], initial[k])]
         assert moved, "the meta step never updated f_msr"
+
+
+def test_simclr_run_starts_no_prototype_actor_and_is_named_and_tagged(ray_cluster, tiny_config):
+    """A method that never clusters gets no prototype actor (nor its CPU); the MLflow run is
+    named <method>-<dataset>, tagged, and has the dataset as its input. ``1e-1`` is a float."""
+    from ray.util.state import list_actors
+
+    before = {a.actor_id for a in list_actors(filters=[("class_name", "=", "PrototypeService")],
+                                              raise_on_missing_output=False)}
+    cfg = tiny_config("method={name: simclr, proj_hidden_dim: 128}", "method.temperature=1e-1",
+                      "optim.epochs=1")
+    summary = train(cfg, evaluate=False)
+    after = {a.actor_id for a in list_actors(filters=[("class_name", "=", "PrototypeService")],
+                                             raise_on_missing_output=False)}
+    assert after == before and summary.estep_log == {}
+    run = MlflowClient(summary.tracking_uri).get_run(summary.run_id)
+    assert run.info.run_name == "simclr-digits"
+    assert {"method": "simclr", "dataset": "digits", "backbone": "convnet",
+            "regularizer": "none"}.items() <= run.data.tags.items()
+    assert run.data.params["method.temperature"] == "0.1"
+    [dataset] = run.inputs.dataset_inputs
+    assert dataset.dataset.name == "digits"
+    assert [s for s, _ in _history(summary, "loss")] == [0]
+
+    pcl = train(tiny_config("optim.epochs=2"), evaluate=False)  # the same query sees PCL's actor
+    seen = {a.actor_id for a in list_actors(filters=[("class_name", "=", "PrototypeService")],
+                                            raise_on_missing_output=False)}
+    assert len(seen - after) == 1 and sorted(pcl.estep_log) == [1]
