@@ -164,7 +164,7 @@ def encode(fn: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, met
 
 def fit(method: Method, dataset: ImageDataset, epochs: int, batch_size: int,
         optim: OptimConfig | None = None, num_clusters: Sequence[int] = (),
-        seed: int = 0, nredo: int = 5,
+        seed: int = 0, nredo: int = 5, niter: int = 20,
         device: str | torch.device = "cpu",
         on_epoch_end: Callable[[int, dict[str, float]], None] | None = None
         ) -> list[dict[str, float]]:
@@ -185,7 +185,7 @@ def fit(method: Method, dataset: ImageDataset, epochs: int, batch_size: int,
             features = encode(method.cluster_embed, dataset.images, method, device=device,
                               precision=optim.precision)
             found: Prototypes = run_kmeans(features, num_clusters, method.schedule.temperature,
-                                           seed + epoch, nredo=nredo)
+                                           seed + epoch, niter=niter, nredo=nredo)
             prototypes, estep_s = found.on_device(device), time.perf_counter() - start
         batches = epoch_batches(len(dataset), batch_size, epoch, seed)
         metrics = train_epoch(method, dataset, batches, optimizer, scheduler, epoch, prototypes,

@@ -67,6 +67,8 @@ def _train(args: argparse.Namespace) -> int:
     if args.tracking_uri:
         overrides.append(f"tracking.tracking_uri={args.tracking_uri}")
     cfg = load_config(args.config, overrides)
+    for notice in cfg.notices():
+        print(f"protoray: note: {notice}", file=sys.stderr)
     from orchestration.console import quiet_libraries
     from orchestration.run import TrainingStopped, train
 

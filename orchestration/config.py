@@ -211,9 +211,6 @@ class ExperimentConfig(Section):
                              "the images at their own; leave data.view_size unset for it")
         self._check_method_builds()
         schedule = self.method.schedule()
-        if schedule is not None and schedule.warmup_epochs >= self.optim.epochs:
-            raise ValueError(f"method.warmup_epochs ({schedule.warmup_epochs}) must be < "
-                             f"optim.epochs ({self.optim.epochs}), or the prototypes are never used")
         size = self.train_size()
         if size is not None:
             for k in self.clustering.num_clusters:
@@ -224,6 +221,17 @@ class ExperimentConfig(Section):
                 raise ValueError(f"optim.batch_size ({self.optim.batch_size}) exceeds the "
                                  f"{size} training samples")
         return self
+
+    def notices(self) -> list[str]:
+        """Settings that are valid but probably not what a full run wants, one line each (the
+        CLI and the benchmarks print them before anything starts). A warm-up as long as the run
+        is one: fine for a smoke run, a mistake in a recipe."""
+        schedule = self.method.schedule()
+        if schedule is not None and schedule.warmup_epochs >= self.optim.epochs:
+            return [f"method.warmup_epochs ({schedule.warmup_epochs}) >= optim.epochs "
+                    f"({self.optim.epochs}): no E-step runs and the prototypes are never used; "
+                    f"lower method.warmup_epochs for a real run"]
+        return []
 
     def _check_method_builds(self) -> None:
         """Build the method once on the configured backbone: its constructor's range checks are

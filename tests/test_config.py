@@ -26,8 +26,6 @@ INVALID = [
     (["method.num_negative_prototypes=0"], "num_negative_prototypes"),
     (["method.bn_splits=0"], "bn_splits"),
     (["method.bn_splits=65", "optim.batch_size=256", "scaling.num_workers=2"], "bn_splits"),
-    (["method.warmup_epochs=20", "optim.epochs=20"], "warmup_epochs"),
-    (["method.warmup_epochs=30", "optim.epochs=20"], "warmup_epochs"),
     (["method.name=nosuch"], "unknown method"),
     (["method.nosuch=1"], "nosuch"),
     (["method.name=simclr", "method.queue_size=10"], "queue_size"),
@@ -239,3 +237,15 @@ def test_no_prototype_actor_cpu_for_methods_that_never_cluster():
 
     pcl, simclr = build_config(), build_config({}, ["method.name=simclr"])
     assert cpus_per_run(pcl) == cpus_per_run(simclr) + pcl.clustering.cpus
+
+
+@pytest.mark.parametrize("overrides", [["method.warmup_epochs=20", "optim.epochs=20"],
+                                       ["method.warmup_epochs=30", "optim.epochs=20"],
+                                       ["optim.epochs=1"]])
+def test_a_warmup_as_long_as_the_run_is_a_one_line_notice(overrides, capsys):
+    """A smoke run shorter than PCL's warm-up trains (without prototypes); the CLI says so in one
+    line naming both fields before Ray starts."""
+    [notice] = build_config({}, overrides).notices()
+    assert "method.warmup_epochs" in notice and "optim.epochs" in notice and "\n" not in notice
+    assert build_config({}, ["optim.epochs=3"]).notices() == []
+    assert build_config({}, ["method.name=simclr", "optim.epochs=1"]).notices() == []
