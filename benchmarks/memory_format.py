@@ -26,9 +26,9 @@ import argparse
 import json
 import statistics
 import time
+from pathlib import Path
 
 import torch
-from fashion_mnist import ROWS  # the sibling benchmark (this script's directory)
 
 from methods.backbones import build_backbone
 from methods.clustering import run_kmeans
@@ -36,9 +36,12 @@ from methods.data import FASHION_MNIST_ROOT, load_fashion_mnist
 from methods.registry import build_method
 from methods.training import OptimConfig, encode, epoch_batches, make_optimizer, train_epoch
 from methods.views import view_spec
+from orchestration.config import load_config
 
 LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
-PCL = {**ROWS["pcl"][1], "warmup_epochs": 0}  # fashion_mnist.py's row; prototypes from step one
+# the method table's PCL recipe, with prototypes from the first step
+RECIPE = Path(__file__).resolve().parents[1] / "configs" / "pcl_fashion_mnist_1worker.yaml"
+PCL = {**load_config(RECIPE).method.hparams, "warmup_epochs": 0}
 
 
 def measure(backbone: str, train, precision: str, steps: int, repeats: int) -> dict[str, dict]:

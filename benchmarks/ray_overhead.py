@@ -35,8 +35,8 @@ import ray
 import torch
 
 from methods.training import OptimConfig, fit
-from orchestration.config import load_config
 from orchestration.builders import load_splits, make_method
+from orchestration.config import load_config
 from orchestration.run import train
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "moco_fashion_mnist.yaml"

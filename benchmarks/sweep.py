@@ -29,8 +29,8 @@ from pathlib import Path
 import ray
 from ray import tune
 
-from orchestration.sweep import run_sweep
 from orchestration.config import load_config
+from orchestration.sweep import run_sweep
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "pcl_fashion_mnist.yaml"
 # 16 draws from 4 temperatures x 4 cluster-count settings, the same draws (seeded) in both sweeps
