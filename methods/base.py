@@ -3,6 +3,7 @@ trainer reads instead of branching on names."""
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
@@ -79,6 +80,14 @@ class Method(nn.Module):
     def check_batch_size(self, batch_size: int) -> None:
         """Raise ``ValueError`` naming the hyperparameter when a per-worker batch of
         ``batch_size`` images cannot be trained (MoCo's BatchNorm slices); most methods take any."""
+
+    def nonfinite_advice(self) -> str:
+        """What to change when this method's loss becomes NaN or inf: the learning rate, and the
+        constructor's temperature-like settings (softmax temperatures, Sinkhorn's epsilon)."""
+        names = [n for n in inspect.signature(type(self).__init__).parameters
+                 if "temperature" in n or n == "epsilon"]
+        raise_them = " or raise " + ", ".join(f"method.{n}" for n in names) if names else ""
+        return f"lower optim.lr{raise_them}"
 
     def uses_prototypes(self, epoch: int) -> bool:
         """The one answer to "does ``epoch`` need an E-step and train with prototypes"."""

@@ -211,3 +211,29 @@ def load_dataset(name: str, split: str = "train", root: str | Path | None = None
             raise ValueError("data.root is required for data.name='torchvision'")
         return load_torchvision_root(torchvision_name, root, split)
     raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+
+
+def check_dataset(name: str, root: str | Path | None = None) -> None:
+    """Raise ``DatasetNotFoundError`` (one line, naming the path and how to fix it) when the
+    training data of ``load_dataset(name, "train", root)`` is missing or unreadable, without
+    decoding it: what a driver checks before it starts any worker."""
+    if name == "fashion_mnist":
+        root = Path(root or FASHION_MNIST_ROOT)
+        for stem in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"):
+            path = _find(root, stem)
+            opener = gzip.open if path.suffix == ".gz" else open
+            try:
+                with opener(path, "rb") as f:
+                    header = f.read(4)
+            except (OSError, EOFError) as exc:
+                raise DatasetNotFoundError(f"{path} is unreadable ({type(exc).__name__}); reinstall "
+                                           f"it with `{FASHION_MNIST_INSTALL} --reinstall`") from None
+            if len(header) < 4 or header[:3] != b"\x00\x00\x08":
+                raise DatasetNotFoundError(f"{path} is not an unsigned-byte IDX file; reinstall it "
+                                           f"with `{FASHION_MNIST_INSTALL} --reinstall`")
+    elif name in ("image_folder", "torchvision"):
+        if root is None:
+            raise DatasetNotFoundError(f"data.root is required for data.name='{name}'")
+        if not Path(root).is_dir():
+            what = "class-per-folder image tree" if name == "image_folder" else "dataset root"
+            raise DatasetNotFoundError(f"data.root {root} is not a folder; point it at the {what}")

@@ -27,13 +27,17 @@ def _world() -> tuple[int, int]:
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """Concatenate ``x`` from every rank along dim 0, keeping gradients to every rank's slice.
 
-    ``torch.distributed.all_gather`` cuts the graph; ``torch.distributed.nn`` does not, which
-    SimCLR's cross-rank negatives need (each rank's anchors push on other ranks' embeddings).
+    ``torch.distributed.all_gather`` cuts the graph; the functional collective keeps it (its
+    backward sums every rank's gradient for this rank's slice), which SimCLR's cross-rank
+    negatives need (each rank's anchors push on other ranks' embeddings). Works in any
+    initialised process group, with or without a DDP model.
     """
     _, world = _world()
     if world == 1:
         return x
-    return torch.cat(dist.nn.functional.all_gather(x), dim=0)
+    from torch.distributed import _functional_collectives as funcol  # torch's own autograd gather
+
+    return funcol.all_gather_single_autograd(x.contiguous(), 0, dist.group.WORLD).wait()
 
 
 @torch.no_grad()
@@ -293,6 +297,18 @@ def _all_reduce_sum(x: torch.Tensor, gather: bool) -> torch.Tensor:
     return x
 
 
+def _logsumexp(x: torch.Tensor, dim: int, gather: bool) -> torch.Tensor:
+    """log sum exp of ``x`` over ``dim`` (kept), and over every rank's rows when ``gather``."""
+    if not (gather and _world()[1] > 1):
+        return torch.logsumexp(x, dim=dim, keepdim=True)
+    top = x.amax(dim=dim, keepdim=True)
+    dist.all_reduce(top, op=dist.ReduceOp.MAX)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    total = (x - top).exp().sum(dim=dim, keepdim=True)
+    dist.all_reduce(total)
+    return total.log() + top
+
+
 @torch.no_grad()
 def sinkhorn(scores: torch.Tensor, iterations: int = 3, epsilon: float = 0.05, gather: bool = False
              ) -> torch.Tensor:
@@ -301,20 +317,19 @@ def sinkhorn(scores: torch.Tensor, iterations: int = 3, epsilon: float = 0.05, g
     solved by ``iterations`` Sinkhorn-Knopp rounds on exp(scores / epsilon). With ``gather`` the
     B samples are every rank's (sums are all-reduced), so the equipartition holds for the global
     batch. Returns ``[B, K]`` codes whose rows sum to 1.
+
+    The rounds run on log Q (each normalisation a log-sum-exp), so the codes stay finite for any
+    finite scores and epsilon > 0, where exp(scores / epsilon) underflows to 0 at small epsilon.
     """
+    check_temperature(epsilon, "method.epsilon")
     world = _world()[1] if gather else 1
-    # exp(x - max) for stability; the global max is one constant that the normalisations cancel
-    top = scores.max()
-    if world > 1:
-        dist.all_reduce(top, op=dist.ReduceOp.MAX)
-    q = torch.exp((scores - top) / epsilon)  # [B, K]
-    total = len(q) * world
-    num_prototypes = q.shape[1]
-    q /= _all_reduce_sum(q.sum(), gather)
+    total = len(scores) * world
+    log_k, log_b = math.log(scores.shape[1]), math.log(total)
+    log_q = scores.float() / epsilon  # [B, K]
     for _ in range(iterations):
-        q /= _all_reduce_sum(q.sum(dim=0, keepdim=True), gather) * num_prototypes  # columns: 1/K
-        q /= q.sum(dim=1, keepdim=True) * total  # rows: 1/B
-    return q * total
+        log_q = log_q - _logsumexp(log_q, 0, gather) - log_k  # every prototype's column: 1/K
+        log_q = log_q - torch.logsumexp(log_q, dim=1, keepdim=True) - log_b  # every row: 1/B
+    return (log_q + log_b).exp()
 
 
 def swav_loss(global_scores: list[torch.Tensor], local_scores: list[torch.Tensor] | None = None,

@@ -120,7 +120,7 @@ def train_epoch(method: Method, dataset: ImageDataset, batches: Sequence[torch.T
         if not all_ranks(bool(torch.isfinite(loss))):
             raise NonFiniteLossError(
                 f"loss is not finite ({loss.item()} on this rank) at epoch {epoch} step {step}; "
-                "lower optim.lr or raise method.temperature (the last good checkpoint is kept)")
+                f"{method.nonfinite_advice()} (the last good checkpoint is kept)")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -24,15 +24,26 @@ def save_state(path: Path, method: Method, optimizer, scheduler, epoch: int, pro
                 "config": config}, path)
 
 
+def checkpoint_file(path: Path) -> Path:
+    """``path`` itself, or the ``state.pt`` inside a checkpoint directory (the form Ray Train
+    writes); ``FileNotFoundError`` naming what is missing."""
+    if path.is_dir():
+        path = path / CHECKPOINT_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist (give a state.pt file or a "
+                                "checkpoint directory that holds one)")
+    return path
+
+
 def load_state(path: Path) -> dict:
     """Read a checkpoint file; a damaged one is a clear error naming it."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise
-    except Exception as exc:  # torch raises several types for truncated or foreign files
-        raise ValueError(f"checkpoint {path} cannot be read ({type(exc).__name__}: {exc}); it is "
-                         "damaged or not a protoray checkpoint. Use an earlier checkpoint.") from exc
+    except Exception as exc:  # torch raises several types, with pages of advice, for bad files
+        raise ValueError(f"checkpoint {path} is unreadable ({type(exc).__name__}): it is damaged "
+                         "or not a protoray checkpoint; use an earlier checkpoint") from None
 
 
 def rank_state_path(directory: Path, rank: int) -> Path:

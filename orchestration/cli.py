@@ -49,7 +49,8 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--address", help="Ray cluster to join; default RAY_ADDRESS or an embedded local one")
     e = sub.add_parser("eval", help="evaluate a checkpoint (kNN, linear, AMI/NMI/ARI)",
                        description="Evaluate a protoray checkpoint file on its dataset's test split.")
-    e.add_argument("checkpoint", help="a state.pt / final_checkpoint.pt written by protoray train")
+    e.add_argument("checkpoint", help="a state.pt / final_checkpoint.pt written by protoray train, "
+                                      "or a Ray Train checkpoint directory holding state.pt")
     e.add_argument("--no-pixels", action="store_true", help="skip the raw-pixel baseline")
     return p
 
@@ -105,11 +106,10 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from orchestration.checkpoints import checkpoint_file
     from orchestration.evaluate import evaluate_checkpoint
 
-    path = Path(args.checkpoint)
-    if not path.is_file():
-        raise ConfigError(f"checkpoint {path} does not exist")
+    path = checkpoint_file(Path(args.checkpoint))
     with tempfile.TemporaryDirectory() as out:
         metrics, _ = evaluate_checkpoint(path, Path(out), with_pixels=not args.no_pixels)
     print_metrics(metrics)

@@ -8,6 +8,8 @@ traceback from inside a worker ten minutes later.
 
 from __future__ import annotations
 
+import math
+import os
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -49,7 +51,8 @@ class ConfigError(ValueError):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # inf and nan are refused wherever a number goes (an lr of inf trains until the NaN stop)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class DataSection(Section):
@@ -136,7 +139,10 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
     if annotation is None:
         return value
     try:
-        return TypeAdapter(annotation).validate_python(value, strict=annotation is bool)
+        value = TypeAdapter(annotation).validate_python(value, strict=annotation is bool)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"method.{key} must be a finite number (got {value!r})")
+        return value
     except ValidationError:
         if typing.get_origin(annotation) is Literal:
             what = "one of " + ", ".join(map(str, typing.get_args(annotation)))
@@ -179,7 +185,9 @@ class ScalingSection(Section):
 
 
 class TrackingSection(Section):
-    tracking_uri: str = "sqlite:///mlruns.db"
+    # MLFLOW_TRACKING_URI where the config names none (what MLflow's own clients do)
+    tracking_uri: str = Field(default_factory=lambda: os.environ.get("MLFLOW_TRACKING_URI",
+                                                                     "sqlite:///mlruns.db"))
     experiment_name: str = "protoray"
     run_name: str | None = None
     storage_path: str = "outputs/ray"  # Ray Train checkpoints; s3://... or NFS across nodes

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,9 +19,10 @@ import ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from methods.data import check_dataset
 from orchestration import tracking
 from orchestration.checkpoints import CHECKPOINT_FILE
-from orchestration.config import ExperimentConfig
+from orchestration.config import ConfigError, ExperimentConfig
 from orchestration.console import EpochPrinter
 from orchestration.evaluate import evaluate_checkpoint
 from orchestration.prototypes import PrototypeService
@@ -63,6 +65,37 @@ def ensure_ray(address: str | None, cpus_needed: float, verbose: bool = True) ->
                  dashboard_host="127.0.0.1", **quiet)
 
 
+# Train's controller retries a worker group it cannot start (each try waits for the start
+# timeout); capped, so a run asking for resources that never come ends with an error
+CONTROLLER_FAILURE_LIMIT = 3
+
+
+def check_gpus(cfg: ExperimentConfig, joining: bool) -> None:
+    """``scaling.use_gpu`` needs a GPU per worker. For an embedded cluster (this machine) the
+    answer is known before Ray starts: raise ``ConfigError`` naming the field. A cluster being
+    joined may add GPU nodes by autoscaling; ``check_cluster`` says what it has."""
+    s = cfg.scaling
+    if s.use_gpu and not joining:
+        import torch
+
+        found = torch.cuda.device_count()
+        if found < s.num_workers:
+            raise ConfigError(f"scaling.use_gpu: {s.num_workers} workers need {s.num_workers} "
+                              f"GPUs and this machine has {found}; set scaling.use_gpu: false or "
+                              "join a GPU cluster with --address")
+
+
+def check_cluster(cfg: ExperimentConfig) -> None:
+    """One line when the joined cluster has fewer GPUs than the run asks for right now: the run
+    waits for autoscaled nodes, at most ``CONTROLLER_FAILURE_LIMIT`` worker-group start timeouts."""
+    s = cfg.scaling
+    have = ray.cluster_resources().get("GPU", 0)
+    if s.use_gpu and have < s.num_workers:
+        print(f"protoray: note: scaling.use_gpu asks for {s.num_workers} GPUs and the cluster "
+              f"has {have:g} now; waiting for the autoscaler (the run fails after "
+              f"{CONTROLLER_FAILURE_LIMIT} worker-group start timeouts)", file=sys.stderr)
+
+
 def cpus_per_run(cfg: ExperimentConfig) -> float:
     """Logical CPUs one run reserves: its driver, its Train workers and, for methods that
     cluster, the prototype actor."""
@@ -78,7 +111,10 @@ def train(cfg: ExperimentConfig, address: str | None = None, evaluate: bool = Tr
     ``verbose=False`` (the CLI's default) prints one line per epoch instead of Ray's output.
     ``faults`` is for the reliability tests only (kill a worker or the actor, inject a NaN).
     """
+    check_dataset(cfg.data.name, cfg.data.root)  # before Ray starts: one line, not a traceback
+    check_gpus(cfg, joining=bool(address or os.environ.get("RAY_ADDRESS")))
     ensure_ray(address, cpus_per_run(cfg), verbose)
+    check_cluster(cfg)
     tracking_uri = tracking.resolve_tracking_uri(cfg.tracking.tracking_uri)
     tracking.start_experiment(tracking_uri, cfg.tracking.experiment_name)
     with tracking.open_run(tracking.run_name(cfg)) as run:
@@ -127,7 +163,8 @@ def execute(cfg: ExperimentConfig, run_id: str, tracking_uri: str, evaluate: boo
                                      resources_per_worker={"CPU": s.cpus_per_worker}),
         run_config=RunConfig(
             name=name or f"protoray-{run_id}", storage_path=storage,
-            failure_config=FailureConfig(max_failures=s.max_failures),
+            failure_config=FailureConfig(max_failures=s.max_failures,
+                                         controller_failure_limit=CONTROLLER_FAILURE_LIMIT),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             callbacks=[tracking.MLflowEpochLogger(tracking_uri, run_id), *callbacks]),
     )

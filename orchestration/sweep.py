@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +33,10 @@ from ray import tune
 from ray.tune.search.basic_variant import BasicVariantGenerator
 from ray.tune.search.sample import Categorical, Domain, Float, Integer
 
+from methods.data import check_dataset
 from orchestration import tracking
 from orchestration.config import ConfigError, ExperimentConfig, build_config, load_config, set_path
-from orchestration.run import cpus_per_run, ensure_ray, execute
+from orchestration.run import check_gpus, cpus_per_run, ensure_ray, execute
 from orchestration.tracking import resolve_tracking_uri
 
 METRIC = "knn_holdout"  # what every epoch reports and ASHA ranks
@@ -178,6 +180,8 @@ def run_sweep(config: ExperimentConfig | str | Path, space: dict[str, Any], num_
         raise ConfigError(f"grace_period: must be between 1 and optim.epochs={cfg.optim.epochs}")
     base = _absolute(cfg)
     validate_space(base, space)
+    check_dataset(cfg.data.name, cfg.data.root)
+    check_gpus(cfg, joining=bool(address or os.environ.get("RAY_ADDRESS")))
 
     ensure_ray(address, max_concurrent_trials * cpus_per_run(cfg))
     concurrent = _concurrency(max_concurrent_trials, cfg)

@@ -55,9 +55,22 @@ def run_tags(cfg: ExperimentConfig) -> dict[str, str]:
 
 
 def start_experiment(tracking_uri: str, experiment_name: str) -> str:
-    """Point this process at the server and the experiment (created if new); its id."""
+    """Point this process at the server and the experiment (created if new); its id.
+
+    MLflow creates and migrates a new SQLite store's schema on first use, and two processes
+    doing that at once fail (``table experiments already exists``): two jobs submitted to one
+    cluster do. A file lock beside the database serialises the first use.
+    """
     mlflow.set_tracking_uri(tracking_uri)
-    return mlflow.set_experiment(experiment_name).experiment_id
+    prefix = "sqlite:///"
+    if not tracking_uri.startswith(prefix):
+        return mlflow.set_experiment(experiment_name).experiment_id
+    from filelock import FileLock
+
+    database = Path(tracking_uri[len(prefix):])
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(database) + ".lock"):
+        return mlflow.set_experiment(experiment_name).experiment_id
 
 
 def open_run(name: str | None = None, run_id: str | None = None):

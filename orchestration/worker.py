@@ -21,6 +21,7 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
+from methods.batchnorm import broadcast_batchnorm_stats
 from methods.clustering import Prototypes
 from methods.evaluation import knn_accuracy
 from methods.training import (
@@ -101,6 +102,7 @@ def train_loop(config: dict) -> None:
         # --- E-step: cluster every rank's features in the actor, receive the same prototypes
         clustered = method.uses_prototypes(epoch)
         if clustered:
+            broadcast_batchnorm_stats(method)  # every shard encoded with rank 0's statistics
             features = encode(method.cluster_embed, train.images[shard], method, device=device,
                               precision=o.precision)
             refs = [ray.put(shard.numpy()), ray.put(features)]

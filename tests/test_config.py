@@ -66,6 +66,12 @@ INVALID = [
     (["model.backbone=vgg"], "backbone"),
     (["nosection.x=1"], "nosection"),
     (["seed=abc"], "seed"),
+    (["optim.lr=inf"], "optim.lr"),
+    (["optim.weight_decay=.nan"], "optim.weight_decay"),
+    (["method.temperature=inf"], "method.temperature"),
+    (["method.proto_weight=.nan"], "method.proto_weight"),
+    (["clustering.cpus=inf"], "clustering.cpus"),
+    (["data.crop_min_scale=nan"], "crop_min_scale"),
 ]
 
 
@@ -249,3 +255,67 @@ def test_a_warmup_as_long_as_the_run_is_a_one_line_notice(overrides, capsys):
     assert "method.warmup_epochs" in notice and "optim.epochs" in notice and "\n" not in notice
     assert build_config({}, ["optim.epochs=3"]).notices() == []
     assert build_config({}, ["method.name=simclr", "optim.epochs=1"]).notices() == []
+
+
+def test_bn_splits_must_divide_each_workers_batch():
+    """tiny_digits with a global batch of 20 on 2 workers: 10 images per worker do not split in
+    4 equal slices (torch.chunk gave 3, 3, 3, 1 and BatchNorm failed on the 1-image slice)."""
+    with pytest.raises(ConfigError, match="method.bn_splits") as info:
+        load_config(ROOT / "configs" / "tiny_digits.yaml", ["optim.batch_size=20", "method.bn_splits=4"])
+    assert "10 images" in str(info.value)
+    load_config(ROOT / "configs" / "tiny_digits.yaml", ["optim.batch_size=20", "method.bn_splits=5"])
+
+
+def test_mlflow_tracking_uri_is_honoured_where_the_config_names_none(monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
+    assert load_config(ROOT / "configs" / "demo.yaml").tracking.tracking_uri == "http://mlflow.example:5000"
+    named = load_config(ROOT / "configs" / "demo.yaml", ["tracking.tracking_uri=sqlite:///x.db"])
+    assert named.tracking.tracking_uri == "sqlite:///x.db"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert build_config().tracking.tracking_uri == "sqlite:///mlruns.db"
+
+
+def test_cli_corrupt_checkpoint_is_one_line_and_a_directory_is_accepted(capsys, tmp_path):
+    """torch's own error for a foreign file is a page of advice (weights_only=False ...); the CLI
+    gives one line naming the file. A Ray Train checkpoint directory is read through its state.pt."""
+    path = tmp_path / "state.pt"
+    path.write_bytes(b"PK\x03\x04 not really a zip")
+    assert main(["eval", str(tmp_path)]) == 2  # the directory form, its state.pt corrupt
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and str(path) in err and "unreadable" in err
+    assert "weights_only" not in err
+    assert main(["eval", str(tmp_path / "empty")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_missing_dataset_files_are_one_line_before_ray_starts(capsys, tmp_path):
+    """data.root pointing at a folder without Fashion-MNIST's files: exit 2 and one line naming
+    the file, from the driver (before, a traceback from inside Ray Train minutes in, exit 1)."""
+    import ray
+
+    was = ray.is_initialized()
+    assert main(["train", "--set", f"data.root={tmp_path}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and str(tmp_path) in err and "train-images-idx3-ubyte" in err
+    assert ray.is_initialized() == was  # no Ray started for it
+    (tmp_path / "train-images-idx3-ubyte").write_bytes(b"garbage!")
+    (tmp_path / "train-labels-idx1-ubyte").write_bytes(b"\x00\x00\x08\x01")
+    assert main(["train", "--set", f"data.root={tmp_path}"]) == 2
+    assert "not an unsigned-byte IDX file" in capsys.readouterr().err
+    assert main(["train", "--set", "data.name=image_folder", "--set", f"data.root={tmp_path}/no"]) == 2
+    assert "is not a folder" in capsys.readouterr().err
+
+
+def test_use_gpu_without_a_gpu_fails_before_ray_starts(capsys):
+    """Before: the worker group waited for GPUs that never come, the controller retrying without
+    limit. Now one line naming scaling.use_gpu and what the machine has, exit 2."""
+    import ray
+    import torch
+
+    if torch.cuda.device_count() >= 2:
+        pytest.skip("this machine has the GPUs")
+    was = ray.is_initialized()
+    assert main(["train", str(ROOT / "configs" / "tiny_digits.yaml"), "--set", "scaling.use_gpu=true"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "scaling.use_gpu" in err and "this machine has" in err
+    assert ray.is_initialized() == was

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from lightly.loss import NTXentLoss
 
-from methods.losses import info_nce, nt_xent, proto_nce, sample_negative_prototypes
+from methods.losses import info_nce, nt_xent, proto_nce, sample_negative_prototypes, sinkhorn
 
 
 @pytest.mark.parametrize("temperature", [0.1, 0.5])
@@ -118,3 +118,31 @@ def test_non_positive_temperature_raises(temperature):
         info_nce(x, x, x, temperature)
     with pytest.raises(ValueError, match="temperature"):
         nt_xent(x, x, temperature)
+
+
+def _sinkhorn_direct(scores: torch.Tensor, epsilon: float, iterations: int = 3) -> torch.Tensor:
+    """SwAV's Sinkhorn-Knopp written out in float64 on exp(scores / epsilon) (Caron et al. 2020,
+    sec. 3.1): columns to 1/K, rows to 1/B, then rows scaled to sum to 1."""
+    q = torch.exp((scores.double() - scores.max()) / epsilon)
+    q /= q.sum()
+    b, k = q.shape
+    for _ in range(iterations):
+        q /= q.sum(dim=0, keepdim=True) * k
+        q /= q.sum(dim=1, keepdim=True) * b
+    return q * b
+
+
+@pytest.mark.parametrize("epsilon", [0.05, 0.005])
+def test_sinkhorn_in_the_log_domain_matches_float64_and_stays_finite(epsilon):
+    """At epsilon 0.005 exp(scores / epsilon) underflows in float32 (every code NaN before the
+    log-domain rounds); the codes now match the float64 computation and rows sum to 1."""
+    g = torch.Generator().manual_seed(0)
+    z = F.normalize(torch.randn(64, 32, generator=g), dim=1)
+    prototypes = F.normalize(torch.randn(30, 32, generator=g), dim=1)
+    scores = z @ prototypes.T  # [64, 30] cosine scores in [-1, 1], float32 as in training
+    codes = sinkhorn(scores, epsilon=epsilon)
+    assert torch.isfinite(codes).all()
+    torch.testing.assert_close(codes.double(), _sinkhorn_direct(scores, epsilon), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(codes.sum(1), torch.ones(64))
+    with pytest.raises(ValueError, match="epsilon"):
+        sinkhorn(scores, epsilon=0)

@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from methods.backbones import build_backbone
-from methods.batchnorm import split_batch_forward
+from methods.batchnorm import SplitBatchNorm, shuffled_forward, split_batchnorm
 from methods.data import load_digits
 from methods.evaluation import knn_accuracy
 from methods.momentum import FeatureQueue, ema_update, momentum_copy
@@ -103,28 +103,51 @@ def test_ema_update():
         torch.testing.assert_close(t, o)
 
 
-def test_split_batch_forward_normalises_each_slice_and_keeps_order():
-    """BatchNorm sees one slice at a time; shuffled slices mix the batch and come back in order."""
-    bn = nn.BatchNorm1d(1, affine=False)  # train mode: each call normalises by its own batch
-    x = torch.cat([torch.zeros(4, 1), torch.full((4, 1), 10.0)]) + torch.arange(8.0).view(8, 1)
-    whole = split_batch_forward(bn, x, 1)
-    torch.testing.assert_close(whole, bn(x))
-    halves = split_batch_forward(bn, x, 2)
-    torch.testing.assert_close(halves, torch.cat([bn(x[:4]), bn(x[4:])]))
-    assert not torch.allclose(halves, whole)  # the two halves' statistics differ from the batch's
+def test_split_batchnorm_normalises_each_slice_and_updates_statistics_once():
+    """Each of the equal slices is normalised by its own statistics; the running statistics move
+    once per step, by the mean of the slices' updates (MoCo's CIFAR demo), not once per slice."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 4, 4) + torch.arange(8.0).view(8, 1, 1, 1)
+    plain = nn.BatchNorm2d(3)
+    split = split_batchnorm(nn.Sequential(nn.BatchNorm2d(3)), 2)[0]
+    assert isinstance(split, SplitBatchNorm) and split.state_dict().keys() == plain.state_dict().keys()
+    out = split(x)
+    reference = nn.BatchNorm2d(3)
+    torch.testing.assert_close(out, torch.cat([reference(x[:4]), reference(x[4:])]))
+    m = split.momentum
+    means = torch.stack([x[:4].mean((0, 2, 3)), x[4:].mean((0, 2, 3))])
+    variances = torch.stack([x[:4].var((0, 2, 3)), x[4:].var((0, 2, 3))])  # unbiased, as BN keeps
+    torch.testing.assert_close(split.running_mean, (1 - m) * torch.zeros(3) + m * means.mean(0))
+    torch.testing.assert_close(split.running_var, (1 - m) * torch.ones(3) + m * variances.mean(0))
+    assert int(split.num_batches_tracked) == 1
+    split.eval()
+    torch.testing.assert_close(split(x), F.batch_norm(x, split.running_mean, split.running_var,
+                                                      split.weight, split.bias, False, 0, split.eps))
+    split.train()
+    split.splits = 4
+    with pytest.raises(ValueError, match="method.bn_splits"):  # 10 images do not split in 4 equal
+        split(torch.randn(10, 3, 4, 4))
 
-    generator = torch.Generator().manual_seed(3)
-    shuffled = split_batch_forward(bn, x, 2, generator)
+
+def test_shuffled_forward_returns_outputs_in_input_order():
+    x = torch.randn(8, 3)
+    linear = nn.Linear(3, 2)
+    torch.testing.assert_close(shuffled_forward(linear, x, torch.Generator().manual_seed(3)), linear(x))
+    bn = split_batchnorm(nn.Sequential(nn.BatchNorm1d(3)), 2)
     order = torch.randperm(8, generator=torch.Generator().manual_seed(3))
-    assert sorted(order[:4].tolist()) != [0, 1, 2, 3]  # this seed mixes the halves
-    expected = torch.empty(8, 1)
-    expected[order] = torch.cat([bn(x[order[:4]]), bn(x[order[4:]])])
-    torch.testing.assert_close(shuffled, expected)
-    # a row-wise encoder is unchanged by slicing and shuffling: outputs are in input order
-    linear = nn.Linear(1, 3)
-    torch.testing.assert_close(split_batch_forward(linear, x, 4, generator), linear(x))
-    with pytest.raises(ValueError, match="method.bn_splits"):  # a 1-image slice has no statistics
-        split_batch_forward(bn, x, 5)
+    expected = torch.empty(8, 3)
+    expected[order] = bn(x[order])
+    torch.testing.assert_close(shuffled_forward(bn, x, torch.Generator().manual_seed(3)), expected)
+
+
+@pytest.mark.parametrize("name", ["moco", "pcl"])
+def test_moco_and_pcl_shuffle_bn_by_default(name):
+    """The reference's shuffling BN is the default: 8 slices in the query and key backbones."""
+    m = build_method(name, build_backbone("convnet", 1, 8), view_spec("digits"))
+    assert m.bn_splits == 8
+    for encoder in (m.encoder_q[0], m.encoder_k[0]):
+        norms = [x for x in encoder.modules() if isinstance(x, nn.modules.batchnorm._BatchNorm)]
+        assert norms and all(isinstance(x, SplitBatchNorm) and x.splits == 8 for x in norms)
 
 
 _BASE = dict(proj_hidden_dim=128, temperature=0.2)
@@ -241,3 +264,22 @@ def test_bf16_encode_runs_in_bf16_and_returns_float32(digits):
     assert cosine.min() > 0.98
     with pytest.raises(ValueError, match="optim.precision"):
         encode(m.cluster_embed, te.images[:4], m, precision="fp16")
+
+
+@pytest.mark.parametrize(("name", "hparams", "named"), [
+    ("swav", {"num_prototypes": 20, "proj_hidden_dim": 64}, "method.epsilon"),
+    ("simclr", _BASE, "method.temperature"),
+    ("byol", {"proj_hidden_dim": 64, "pred_hidden_dim": 64}, "lower optim.lr"),
+])
+def test_nan_stop_names_the_settings_of_the_method_that_stopped(digits, name, hparams, named):
+    """The advice comes from the method's own constructor: SwAV's Sinkhorn epsilon, SimCLR's
+    temperature; BYOL has neither and gets the learning rate alone."""
+    tr, _ = digits
+    m = build_method(name, build_backbone("convnet", 1, 8), view_spec("digits"), **hparams)
+    with torch.no_grad():
+        m.backbone.stages[0][0].weight.fill_(float("nan"))
+    with pytest.raises(NonFiniteLossError) as info:
+        fit(m, tr.subset(range(128)), epochs=1, batch_size=64)
+    assert named in str(info.value)
+    if name == "byol":
+        assert "temperature" not in str(info.value)

@@ -252,6 +252,9 @@ class ICLMSR(Method):
     def check_batch_size(self, batch_size: int) -> None:
         self.base.check_batch_size(batch_size)
 
+    def nonfinite_advice(self) -> str:
+        return f"{self.base.nonfinite_advice()}, or lower method.lambda_ / method.alpha"
+
     @torch.no_grad()
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         return self.base.embed(x)

@@ -3,6 +3,10 @@
 A query encoder trained by gradient, a key encoder that is its exponential moving average, and a
 queue of past keys as negatives. v2 = MLP head + stronger augmentation (the ``moco_v2`` views)
 + cosine learning rate. ``proj_layers=1`` gives v1's linear head.
+
+Shuffling BN is on by default, as in the reference (8 GPUs of 32 images, keys shuffled across
+them): ``bn_splits=8`` BatchNorm slices of each worker's batch, the keys shuffled first; one
+slice turns it off. The key encoder keeps its own BatchNorm statistics.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from methods.base import Batch, Method, check_at_least
-from methods.batchnorm import check_bn_splits, split_batch_forward
+from methods.batchnorm import check_bn_splits, shuffled_forward, split_batchnorm
 from methods.heads import projection_mlp
 from methods.losses import check_temperature, gather_no_grad, info_nce
 from methods.momentum import FeatureQueue, check_momentum, ema_update, momentum_copy
@@ -24,7 +28,7 @@ class MoCo(Method):
 
     def __init__(self, backbone: nn.Module, views: ViewSpec, temperature: float = 0.2,
                  momentum: float = 0.999, queue_size: int = 65536, proj_hidden_dim: int = 2048,
-                 proj_dim: int = 128, proj_layers: int = 2, bn_splits: int = 1, seed: int = 0):
+                 proj_dim: int = 128, proj_layers: int = 2, bn_splits: int = 8, seed: int = 0):
         super().__init__(backbone, views, seed)
         check_temperature(temperature, "method.temperature")
         check_momentum(momentum)
@@ -34,6 +38,8 @@ class MoCo(Method):
         self.bn_splits = bn_splits
         self.temperature = temperature
         self.momentum = momentum
+        if bn_splits > 1:  # before the key encoder is copied from the query encoder
+            split_batchnorm(self.backbone, bn_splits)
         self.projection = projection_mlp(backbone.feature_dim, proj_hidden_dim, proj_dim,
                                          num_layers=proj_layers)
         self.encoder_q = nn.Sequential(self.backbone, self.projection)
@@ -46,11 +52,11 @@ class MoCo(Method):
 
     def pair_features(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Query-side backbone feature (with gradient) and key-side momentum feature, each batch
-        run as ``bn_splits`` BatchNorm slices, the keys' slices shuffled (shuffling BN)."""
+        normalised as ``bn_splits`` BatchNorm slices, the keys shuffled first (shuffling BN)."""
         x_q, x_k = self.view(batch.images), self.view(batch.images)
-        h_q = split_batch_forward(self.encoder_q[0], x_q, self.bn_splits)
+        h_q = self.encoder_q[0](x_q)
         with torch.no_grad():
-            h_k = split_batch_forward(self.encoder_k[0], x_k, self.bn_splits, self.generator)
+            h_k = shuffled_forward(self.encoder_k[0], x_k, self.generator)
         return h_q, h_k
 
     def queries_and_keys(self, h_q: torch.Tensor, h_k: torch.Tensor, record: bool = True

@@ -25,7 +25,7 @@ class PCL(MoCo):
     def __init__(self, backbone: nn.Module, views: ViewSpec, temperature: float = 0.2,
                  momentum: float = 0.999, queue_size: int = 16384, proj_hidden_dim: int = 2048,
                  proj_dim: int = 128, proj_layers: int = 2, num_negative_prototypes: int = 16384,
-                 warmup_epochs: int = 20, proto_weight: float = 1.0, bn_splits: int = 1,
+                 warmup_epochs: int = 20, proto_weight: float = 1.0, bn_splits: int = 8,
                  seed: int = 0):
         super().__init__(backbone, views, temperature, momentum, queue_size, proj_hidden_dim,
                          proj_dim, proj_layers, bn_splits, seed)
