@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from methods.evaluation import evaluate, linear_probe_exits
+from methods.evaluation import evaluate, linear_probe_exits, sgd_linear_probe
 from methods.training import OptimConfig, encode, fit
 from orchestration.builders import Splits, load_splits, make_method
 from orchestration.config import ConfigError, ExperimentConfig, load_config
@@ -70,7 +70,7 @@ def describe(cfg: ExperimentConfig) -> str:
 
 
 def run_row(row: str, cfg: ExperimentConfig, splits: Splits, device: str,
-            save: Path | None = None) -> dict[str, float]:
+            save: Path | None = None, sgd_epochs: int = 0) -> dict[str, float]:
     """Train the config's method on ``splits.train`` in this process; scores on ``splits.test``."""
     train, test = splits.train, splits.test
     method = make_method(cfg, train.in_channels, train.image_size)
@@ -104,6 +104,11 @@ def run_row(row: str, cfg: ExperimentConfig, splits: Splits, device: str,
         per_exit = linear_probe_exits({e: v[0] for e, v in exits.items()}, y_train,
                                       {e: v[1] for e, v in exits.items()}, y_test, seed=cfg.seed)
         scores.update({f"linear_{e}": v for e, v in per_exit.items() if e != "backbone"})
+    if sgd_epochs:  # the MoCo / PCL papers' protocol: SGD on augmented crops, frozen encoder
+        method.eval()
+        scores["linear_sgd"] = sgd_linear_probe(method.embed, method.views, train.images,
+                                                train.labels, test.images, test.labels,
+                                                epochs=sgd_epochs, seed=cfg.seed, device=device)
     return {**scores, "epochs": o.epochs, "train_min": train_s / 60,
             "epoch_s": float(np.median([h["epoch_s"] for h in history]))}
 
@@ -135,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--names", nargs="+", default=None, metavar="NAME",
                    help="row names, one per config (default: the config files' stems)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--sgd-epochs", type=int, default=0, metavar="N",
+                   help="also score each row with the SGD linear protocol for N epochs (column "
+                        "linear_sgd; the MoCo/PCL papers train 100)")
     p.add_argument("--save", type=Path, default=None, metavar="DIR",
                    help="write each row's trained method to DIR/<row>.pt (readable by protoray eval)")
     args = p.parse_args(argv)
@@ -171,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
                                  pixels(splits.test.images), splits.test.labels.numpy(), cfg.seed)
             data[key] = (splits, raw)
         print(f"{name}: {path}\n  {describe(cfg)}", flush=True)
-        rows[name] = run_row(name, cfg, data[key][0], args.device, args.save)
+        rows[name] = run_row(name, cfg, data[key][0], args.device, args.save,
+                             args.sgd_epochs)
         r = rows[name]  # each row as it finishes, so an interrupted run keeps what it measured
         print(f"  {name} done: kNN {r['knn']:.4f} linear {r['linear']:.4f} AMI {r['ami']:.4f} "
               f"({r['epoch_s']:.0f} s/epoch)", flush=True)
@@ -188,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     headline.update({f"{n}_epoch_s": round(r["epoch_s"], 1) for n, r in rows.items() if "epoch_s" in r})
     for name, r in rows.items():
         for key in sorted(k for k in r if k.startswith("linear_")):
-            print(f"{name}: {key.replace('_', ' ')} {r[key]:.4f} (backbone exit {r['linear']:.4f})")
+            print(f"{name}: {key.replace('_', ' ')} {r[key]:.4f} (backbone probe {r['linear']:.4f})")
             headline[f"{name}_{key}"] = round(r[key], 4)
     epochs = {n: r["epochs"] for n, r in rows.items() if "epochs" in r}
     headline["epochs"] = epochs.popitem()[1] if len(set(epochs.values())) == 1 else epochs

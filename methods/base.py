@@ -56,7 +56,10 @@ class Method(nn.Module):
 
     name: ClassVar[str] = ""
     schedule: PrototypeSchedule | None = None  # set by methods that train with prototypes
+    # whether the reference normalises BatchNorm over every device's batch (SyncBatchNorm)
+    reference_sync_batchnorm: ClassVar[bool] = False
     progress: float = 0.0  # fraction of training done, set by the loop (BYOL's momentum schedule)
+    epoch: int = 0  # the epoch being trained, set by the loop (DINO's last-layer freeze)
 
     def __init__(self, backbone: nn.Module, views: ViewSpec, seed: int = 0):
         super().__init__()
@@ -130,6 +133,10 @@ class Method(nn.Module):
 
     def forward(self, batch: Batch, prototypes: DevicePrototypes | None = None):
         return self.training_step(batch, prototypes)
+
+    def before_optimizer_step(self) -> None:
+        """Called after the backward pass, before the optimiser steps: the place to clip or
+        cancel gradients (DINO). The gradients are already averaged across ranks."""
 
     def on_step_end(self) -> None:
         """Called after every optimiser step (momentum updates, queue writes)."""

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 
@@ -194,3 +195,55 @@ def embedding_plot(features: np.ndarray, colors: np.ndarray, path: str | Path, t
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+def sgd_linear_probe(embed, views, train_images: torch.Tensor, train_labels: torch.Tensor,
+                     test_images: torch.Tensor, test_labels: torch.Tensor, epochs: int = 10,
+                     lr: float = 0.1, batch_size: int = 256, seed: int = 0,
+                     device: str | torch.device = "cpu") -> float:
+    """Linear evaluation as the MoCo and PCL papers run it: a linear classifier trained by SGD
+    (momentum 0.9, no weight decay, cosine learning rate) on the frozen encoder's features of
+    randomly cropped and flipped training images, tested on the un-augmented test images;
+    returns test accuracy.
+
+    ``embed`` maps a normalised float batch ``[B, C, S, S]`` to features ``[B, D]`` (the frozen
+    encoder, in eval mode); ``views`` gives the crop scale and side (its colour and blur
+    augmentations are not used, as in the references). A BatchNorm without affine parameters
+    normalises the features before the linear layer (He et al. 2022, MAE, linear probing), so
+    one learning rate fits every encoder. The references train 100 epochs (MoCo: lr 30, decay at
+    60 and 80); ``epochs`` scales that to the machine. Labels ``[N]`` int64.
+    """
+    from dataclasses import replace
+
+    from methods.views import augment, to_input
+
+    crops = replace(views, jitter_p=0.0, grayscale_p=0.0, blur_p=0.0)
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    num_classes = int(max(train_labels.max(), test_labels.max())) + 1
+    with torch.no_grad():
+        dim = embed(to_input(train_images[:2].to(device), views)).shape[1]
+    classifier = nn.Sequential(nn.BatchNorm1d(dim, affine=False), nn.Linear(dim, num_classes))
+    classifier.to(device)
+    optimizer = torch.optim.SGD(classifier.parameters(), lr=lr, momentum=0.9, weight_decay=0.0)
+    steps = epochs * (len(train_images) // batch_size)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, steps))
+    for _ in range(epochs):
+        order = torch.randperm(len(train_images), generator=generator)
+        for start in range(0, len(order) - batch_size + 1, batch_size):
+            idx = order[start : start + batch_size]
+            with torch.no_grad():
+                features = embed(augment(train_images[idx].to(device), crops, generator))
+            loss = F.cross_entropy(classifier(features.float()), train_labels[idx].to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+    classifier.eval()
+    correct = 0
+    with torch.no_grad():
+        for start in range(0, len(test_images), 1024):
+            x = to_input(test_images[start : start + 1024].to(device), views)
+            pred = classifier(embed(x).float()).argmax(1).cpu()
+            correct += int((pred == test_labels[start : start + 1024]).sum())
+    return correct / len(test_images)

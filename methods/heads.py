@@ -8,11 +8,15 @@ import torch.nn.functional as F
 
 
 def projection_mlp(in_dim: int, hidden_dim: int, out_dim: int, num_layers: int = 2,
-                   batch_norm: bool = False) -> nn.Sequential:
-    """The MLP projection head g(.) of SimCLR (Chen et al. 2020, sec. 2.1) and MoCo v2.
+                   batch_norm: bool = False, last_bn: bool = False, last_bias: bool = True
+                   ) -> nn.Sequential:
+    """The MLP projection head g(.) of SimCLR (Chen et al. 2020, sec. 2.1) and MoCo v2, and the
+    projectors and predictors of the BYOL family: ``[B, in_dim] -> [B, out_dim]``.
 
-    ``num_layers=1`` is MoCo v1's linear head. BatchNorm in hidden layers is the SimCLR v2 / BYOL
-    variant; MoCo v2 and PCL use none.
+    ``num_layers=1`` is MoCo v1's linear head. ``batch_norm``: BatchNorm after every hidden
+    linear layer, whose bias it makes redundant (BYOL, SimSiam, MoCo v3; MoCo v2 and PCL use
+    none). ``last_bn``: an affine-free BatchNorm on the output, after a bias-free last layer
+    (SimSiam's and MoCo v3's projectors). ``last_bias=False``: MoCo v3's bias-free predictor.
     """
     if num_layers < 1:
         raise ValueError(f"method.proj_layers must be >= 1 (got {num_layers})")
@@ -27,8 +31,18 @@ def projection_mlp(in_dim: int, hidden_dim: int, out_dim: int, num_layers: int =
             layers.append(nn.BatchNorm1d(hidden_dim))
         layers.append(nn.ReLU(inplace=True))
         dim = hidden_dim
-    layers.append(nn.Linear(dim, out_dim))
+    layers.append(nn.Linear(dim, out_dim, bias=last_bias and not last_bn))
+    if last_bn:
+        layers.append(nn.BatchNorm1d(out_dim, affine=False))
     return nn.Sequential(*layers)
+
+
+def scale_only_batchnorm(dim: int) -> nn.BatchNorm1d:
+    """BatchNorm with a learned scale and no shift (its bias fixed at 0): the last layer of
+    SimCLR's projection head (the reference's ``batch_norm(center=False)``)."""
+    norm = nn.BatchNorm1d(dim)
+    norm.bias.requires_grad_(False)
+    return norm
 
 
 class NormedLinear(nn.Linear):

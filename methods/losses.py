@@ -210,13 +210,18 @@ def selfcon(exit_features: list[torch.Tensor], labels: torch.Tensor | None = Non
     """Self-contrastive loss (Bae et al. 2021, arXiv 2106.15499, eq. 2): SupCon whose "views"
     are the outputs of every exit (sub-networks and backbone) of every augmented view.
 
-    Every output is an anchor; its positives are all other outputs with its label (without
-    labels: the same image's outputs at the other exits and views); the denominator is every
-    output but itself.
+    Every output is an anchor; its positives are all other outputs with its label; the
+    denominator is every output but itself. Without labels each augmented view is an instance of
+    its own, as in the reference code: the positives are the same view's outputs at the other
+    exits, and the other view of the same image is a negative (SelfCon-M).
 
     Args:
         exit_features: one ``[B, V, D]`` tensor per exit (V = 1 for SelfCon-S, 2 for SelfCon-M).
     """
+    if labels is None:
+        per_view = torch.stack(exit_features, dim=2)  # [B, V, E, D]: rows are (image, view)
+        return supcon(per_view.flatten(0, 1), None, temperature, base_temperature, "all",
+                      gather=gather)
     return supcon(torch.cat(exit_features, dim=1), labels, temperature, base_temperature, "all",
                   gather=gather)
 

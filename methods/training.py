@@ -111,6 +111,7 @@ def train_epoch(method: Method, dataset: ImageDataset, batches: Sequence[torch.T
     model = model or method
     autocast = autocast_for(device, precision)
     model.train()
+    method.epoch = epoch
     sums: dict[str, float] = {}
     for step, idx in enumerate(batches):
         batch = Batch(idx.to(device), dataset.images[idx].to(device, non_blocking=True),
@@ -123,6 +124,7 @@ def train_epoch(method: Method, dataset: ImageDataset, batches: Sequence[torch.T
                 f"{method.nonfinite_advice()} (the last good checkpoint is kept)")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        method.before_optimizer_step()
         optimizer.step()
         scheduler.step()
         if total_epochs:

@@ -52,6 +52,12 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("checkpoint", help="a state.pt / final_checkpoint.pt written by protoray train, "
                                       "or a Ray Train checkpoint directory holding state.pt")
     e.add_argument("--no-pixels", action="store_true", help="skip the raw-pixel baseline")
+    e.add_argument("--protocol", choices=["fast", "sgd"], default="fast",
+                   help="linear evaluation: fast (logistic regression on frozen features, the "
+                        "default of protoray train) or sgd (the MoCo/PCL papers': a linear layer "
+                        "trained by SGD on augmented crops of the frozen encoder), added as linear_sgd")
+    e.add_argument("--epochs", type=int, default=10,
+                   help="epochs of the sgd protocol (default 10 for a CPU; the papers train 100)")
     return p
 
 
@@ -109,10 +115,15 @@ def _eval(args: argparse.Namespace) -> int:
     from orchestration.checkpoints import checkpoint_file
     from orchestration.evaluate import evaluate_checkpoint
 
+    if args.protocol == "sgd" and args.epochs < 1:
+        raise ConfigError(f"--epochs: the sgd protocol needs at least 1 epoch (got {args.epochs})")
     path = checkpoint_file(Path(args.checkpoint))
     with tempfile.TemporaryDirectory() as out:
-        metrics, _ = evaluate_checkpoint(path, Path(out), with_pixels=not args.no_pixels)
+        metrics, _ = evaluate_checkpoint(path, Path(out), with_pixels=not args.no_pixels,
+                                         sgd_epochs=args.epochs if args.protocol == "sgd" else 0)
     print_metrics(metrics)
+    if "test_linear_sgd" in metrics:
+        print(f"linear (sgd protocol, {args.epochs} epochs): {metrics['test_linear_sgd']:.4f}")
     return 0
 
 

@@ -27,6 +27,7 @@ from pydantic import (
 
 from methods.backbones import BACKBONES, build_backbone
 from methods.base import PrototypeSchedule
+from methods.batchnorm import SplitBatchNorm
 from methods.registry import (
     available,
     build_method,
@@ -182,6 +183,9 @@ class ScalingSection(Section):
     use_gpu: bool = False
     cpus_per_worker: float = Field(1, gt=0)
     max_failures: int = Field(2, ge=-1)
+    # BatchNorm statistics over every worker's batch (torch's SyncBatchNorm, GPUs only); None:
+    # what the method's reference does, when more than one GPU worker trains
+    sync_batchnorm: bool | None = None
 
 
 class TrackingSection(Section):
@@ -241,6 +245,14 @@ class ExperimentConfig(Section):
                     f"lower method.warmup_epochs for a real run"]
         return []
 
+    def sync_batchnorm(self) -> bool:
+        """Whether the workers convert the method's BatchNorm to SyncBatchNorm."""
+        s = self.scaling
+        if s.sync_batchnorm is not None:
+            return s.sync_batchnorm
+        return (method_class(self.method.name).reference_sync_batchnorm and s.use_gpu
+                and s.num_workers > 1)
+
     def _check_method_builds(self) -> None:
         """Build the method once on the configured backbone: its constructor's range checks are
         the hyperparameters' only validation, and a per-worker batch it cannot split (MoCo's
@@ -251,6 +263,12 @@ class ExperimentConfig(Section):
         method = build_method(self.method.name, build_backbone(self.model.backbone, channels, size),
                               views, regularizer=self.method.regularizer, **self.method.hparams)
         method.check_batch_size(self.optim.batch_size // self.scaling.num_workers)
+        if self.scaling.sync_batchnorm and not self.scaling.use_gpu:
+            raise ValueError("scaling.sync_batchnorm: torch's SyncBatchNorm runs on GPUs only; set "
+                             "scaling.use_gpu: true or scaling.sync_batchnorm: false")
+        if self.sync_batchnorm() and any(isinstance(m, SplitBatchNorm) for m in method.modules()):
+            raise ValueError("scaling.sync_batchnorm: this method shuffles BatchNorm in slices "
+                             "(method.bn_splits > 1) instead; set one of them off")
 
     def train_size(self) -> int | None:
         """Training samples after the kNN hold-out and ``limit``, when knowable without loading."""

@@ -9,7 +9,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from methods.evaluation import FAST_PROBE, embedding_plot, evaluate, tsne_layout
+from methods.evaluation import (
+    FAST_PROBE,
+    embedding_plot,
+    evaluate,
+    sgd_linear_probe,
+    tsne_layout,
+)
 from methods.training import encode
 from orchestration.builders import Splits, load_splits, make_method
 from orchestration.checkpoints import load_state
@@ -46,8 +52,13 @@ def prototype_grid(images: torch.Tensor, features: np.ndarray, centroids: np.nda
 
 
 def evaluate_checkpoint(checkpoint_file: Path, out_dir: Path, cfg: ExperimentConfig | None = None,
-                        with_pixels: bool = True) -> tuple[dict[str, float], list[Path]]:
-    """Metrics (``test_knn``, ``test_linear``, ``test_ami``..., ``pixels_*``) and artifact paths."""
+                        with_pixels: bool = True, sgd_epochs: int = 0
+                        ) -> tuple[dict[str, float], list[Path]]:
+    """Metrics (``test_knn``, ``test_linear``, ``test_ami``..., ``pixels_*``) and artifact paths.
+
+    ``sgd_epochs`` > 0 adds ``test_linear_sgd``: the MoCo / PCL papers' linear protocol, a linear
+    layer trained by SGD on augmented crops of the frozen encoder for that many epochs
+    (``methods.evaluation.sgd_linear_probe``)."""
     state = load_state(checkpoint_file)
     cfg = cfg or ExperimentConfig.model_validate(state["config"])
     splits: Splits = load_splits(cfg, with_test=True)
@@ -63,6 +74,11 @@ def evaluate_checkpoint(checkpoint_file: Path, out_dir: Path, cfg: ExperimentCon
     # the fixed-C probe (FAST_PROBE): choosing C on held-out data costs several fits
     scores = evaluate(train_x, y_train, test_x, y_test, cfg.seed, probe=FAST_PROBE)
     metrics = {f"test_{k}": v for k, v in scores.items()}
+    if sgd_epochs:
+        method.eval()
+        metrics["test_linear_sgd"] = sgd_linear_probe(
+            method.embed, method.views, splits.train.images, splits.train.labels, test.images,
+            test.labels, epochs=sgd_epochs, seed=cfg.seed)
     if with_pixels:
         raw = evaluate(pixels(splits.train.images), y_train, pixels(test.images), y_test, cfg.seed,
                        probe=FAST_PROBE)

@@ -65,6 +65,8 @@ def train_loop(config: dict) -> None:
     train = splits.train
     method = make_method(cfg, train.in_channels, train.image_size, rank).to(device)
     method.bind_data(len(train), rank, world)
+    if cfg.sync_batchnorm():  # before DDP wraps the model, as torch requires
+        method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
     with warnings.catch_warnings():
         # Ray deprecates broadcast_buffers in favour of forward_sync_buffers, which still syncs at
         # init; per-rank buffers (memory-bank shards) must not be overwritten by rank 0's

@@ -148,3 +148,33 @@ def test_embedding_plot_writes_png(tmp_path):
     data = path.read_bytes()
     assert len(data) > 1000
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sgd_linear_probe_trains_on_augmented_crops_of_a_frozen_encoder():
+    """The MoCo / PCL linear protocol on digits with raw pixels as the 'encoder': it learns the
+    classes, draws a new random crop of every image each epoch, and never changes the encoder."""
+    import torch
+    import torch.nn as nn
+
+    from methods.data import load_digits
+    from methods.evaluation import sgd_linear_probe
+    from methods.views import view_spec
+
+    tr, te = load_digits("train"), load_digits("test")
+    seen = []
+
+    def embed(x):
+        seen.append(x[:1].clone())
+        return x.flatten(1)
+
+    accuracy = sgd_linear_probe(embed, view_spec("digits"), tr.images, tr.labels, te.images,
+                                te.labels, epochs=4, lr=0.1, batch_size=64)
+    assert accuracy > 0.85
+    crops = [x for x in seen if x.shape[-1] == 8]
+    assert not torch.equal(crops[1], crops[1 + len(tr) // 64])  # epoch 2 cropped its first image anew
+
+    frozen = nn.Linear(64, 16)
+    before = frozen.weight.detach().clone()
+    sgd_linear_probe(lambda x: frozen(x.flatten(1)), view_spec("digits"), tr.images[:128],
+                     tr.labels[:128], te.images[:64], te.labels[:64], epochs=1, batch_size=64)
+    assert torch.equal(frozen.weight, before)

@@ -3,6 +3,8 @@ projector, predictor) predicts an EMA target network's projection of the other v
 the normalised squared error 2 - 2 cos (their eq. 2), symmetrised (eq. 3). The target momentum
 rises from ``momentum`` to 1 on a cosine: tau = 1 - (1 - tau_base)(cos(pi k / K) + 1) / 2.
 Paper defaults: projector 4096 -> 256 with BatchNorm, predictor the same shape, tau_base 0.996.
+As in the reference, each view is its own BatchNorm batch (the online and the target network
+run each view separately), synchronised across devices there (``scaling.sync_batchnorm``).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ def embedding_std(z: torch.Tensor) -> float:
 
 class BYOL(Method):
     name = "byol"
+    reference_sync_batchnorm = True
 
     def __init__(self, backbone: nn.Module, views: ViewSpec, momentum: float = 0.996,
                  proj_hidden_dim: int = 4096, proj_dim: int = 256, pred_hidden_dim: int = 4096,
@@ -40,14 +43,14 @@ class BYOL(Method):
         self.target = momentum_copy(self.online)
 
     def training_step(self, batch: Batch, prototypes=None) -> tuple[torch.Tensor, dict[str, float]]:
-        x = torch.cat([self.view(batch.images), self.view(batch.images)])
-        z = self.online(x)
-        p0, p1 = self.predictor(z).chunk(2)
+        x0, x1 = self.view(batch.images), self.view(batch.images)
+        z0, z1 = self.online(x0), self.online(x1)
+        p0, p1 = self.predictor(z0), self.predictor(z1)
         with torch.no_grad():
-            t0, t1 = self.target(x).chunk(2)
+            t0, t1 = self.target(x0), self.target(x1)
         # 2 - 2 cos(p, t) per direction = 2 + 2 * negative_cosine; both directions summed (eq. 3)
         loss = 2 * (1 + negative_cosine(p0, t1)) + 2 * (1 + negative_cosine(p1, t0))
-        return loss, {"embedding_std": embedding_std(z)}
+        return loss, {"embedding_std": embedding_std(torch.cat([z0, z1]))}
 
     def current_momentum(self) -> float:
         return cosine_momentum(self.base_momentum, self.progress)

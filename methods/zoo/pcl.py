@@ -3,6 +3,7 @@
 MoCo v2 plus ProtoNCE: after ``warmup_epochs`` of plain InfoNCE, each epoch's E-step clusters the
 momentum features at several granularities; the M-step pulls each embedding toward its prototype
 and away from ``num_negative_prototypes`` others, each scaled by its concentration phi.
+BatchNorm as MoCo's reference: shuffled in ``bn_splits`` slices, not synchronised.
 """
 
 from __future__ import annotations

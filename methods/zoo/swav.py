@@ -6,7 +6,8 @@ Defaults as the paper: temperature 0.1, epsilon 0.05, 3 iterations, 3000 prototy
 the prototypes are frozen for the first 313 steps (their first ImageNet epoch). With
 ``queue_length`` each rank keeps that many past global-crop features per crop (the paper's
 small-batch setting) and they join Sinkhorn once the queue is full (the authors' code also waits
-for a full queue, from a start epoch on).
+for a full queue, from a start epoch on). The reference synchronises BatchNorm across GPUs
+(``scaling.sync_batchnorm``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from methods.views import ViewSpec
 
 class SwAV(Method):
     name = "swav"
+    reference_sync_batchnorm = True
 
     def __init__(self, backbone: nn.Module, views: ViewSpec, temperature: float = 0.1,
                  num_prototypes: int = 3000, proj_hidden_dim: int = 2048, proj_dim: int = 128,
