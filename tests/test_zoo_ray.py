@@ -27,7 +27,7 @@ METHODS = {
     "cpc": "{name: cpc, prediction_steps: 2, image_size: 16}",
 }
 # the slow starters on digits (see test_zoo); others 2. MoCo v3 after 2 epochs: 0.800 -> 0.785
-EPOCHS = {"byol": 4, "cmc": 4, "moco_v3": 4}
+EPOCHS = {"byol": 8, "cmc": 4, "moco_v3": 4}
 # SimSiam at its paper's lr rule, 0.05 x batch / 256 (sec. 4), here the global batch 64. At the
 # tiny config's 0.05 it learned or not depending on the seed and on the float path: seeds 0 / 1 / 2
 # went 0.800 -> 0.800, 0.840 -> 0.855, 0.765 -> 0.855 after 2 epochs; at 0.0125 0.800 -> 0.925,
@@ -50,7 +50,8 @@ def test_two_workers_train_and_beat_random_encoder(ray_cluster, tiny_config, nam
     assert [s for s, _ in history["loss"]] == list(range(cfg.optim.epochs))
     assert all(math.isfinite(v) for _, v in history["loss"])
     final_knn = history["knn_holdout"][-1][1]
-    # BYOL gets 4 epochs: after 2 its kNN was below the random encoder's (0.800 -> 0.755)
+    # BYOL gets 8 epochs: with each view its own BatchNorm batch of 32 (the reference's) it starts
+    # slower; after 4 its kNN was still below the random encoder's (0.800 -> 0.780)
     margin = 0.0 if name == "byol" else 0.02
     assert final_knn > random_knn + margin, f"{name}: kNN {random_knn:.3f} at init -> {final_knn:.3f}"
     if name in ("byol", "simsiam"):
