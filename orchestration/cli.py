@@ -25,8 +25,9 @@ def _parser() -> argparse.ArgumentParser:
                        description="Pre-train one method on a Ray cluster and record it in MLflow. "
                                    "With no address, starts an embedded local Ray.")
     t.add_argument("config", nargs="?", help="experiment YAML (see configs/); defaults if omitted")
-    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set method.temperature=0.1 (repeatable)")
+    t.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[],
+                   metavar="KEY=VALUE", help="override config values, e.g. --set "
+                   "method.temperature=0.1 optim.epochs=5 (repeatable)")
     t.add_argument("--address", help="Ray cluster to join ('auto', ray://host:10001); "
                                      "default: RAY_ADDRESS or an embedded local cluster")
     t.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///mlruns.db)")
@@ -41,8 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--scheduler", choices=["asha", "none"], default="asha",
                    help="asha: stop trials that fall behind early; none: run every trial to the end")
     w.add_argument("--max-concurrent", type=int, default=2, help="trials at once (default 2)")
-    w.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a base config value (repeatable)")
+    w.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[],
+                   metavar="KEY=VALUE", help="override base config values (repeatable)")
     w.add_argument("--no-eval", action="store_true", help="skip each trial's final test evaluation")
     w.add_argument("--resume", metavar="SWEEP_DIR",
                    help="continue an interrupted sweep (its path is printed when it starts)")
@@ -87,6 +88,8 @@ def _train(args: argparse.Namespace) -> int:
         return 1
     print()
     print_metrics(summary.metrics)
+    if summary.checkpoint:
+        print(f"\nFinal checkpoint: {summary.checkpoint}  (protoray eval takes this directory)")
     uri = summary.tracking_uri
     print(f"\nSee it in MLflow:  mlflow ui --backend-store-uri {uri} --workers 1"
           if uri.startswith("sqlite") else f"\nSee it in MLflow at {uri}")

@@ -27,6 +27,10 @@ def quiet_libraries(verbose: bool) -> None:
         warnings.filterwarnings("ignore", category=category)
     for name in ("mlflow", "ray", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # Ray says on every start that token authentication is on (its default); the warning that it
+    # is off stays
+    logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(
+        lambda record: not record.getMessage().startswith("Token authentication is enabled"))
 
 
 def format_epoch(epoch: int, epochs: int, values: dict[str, float], seconds: list[float]) -> str:

@@ -57,6 +57,18 @@ def test_pcl_two_workers_share_prototypes_and_log_everything(ray_cluster, tiny_c
     assert np.isclose(protos.density[0].mean(), 0.2, atol=1e-5)
 
 
+def test_eval_cli_reads_a_checkpoint_directory_with_the_sgd_protocol(ray_cluster, tiny_config,
+                                                                      capsys):
+    from orchestration.cli import main
+
+    summary = train(tiny_config("optim.epochs=2"), evaluate=False)
+    assert main(["eval", summary.checkpoint, "--protocol", "sgd", "--epochs", "1",
+                 "--no-pixels"]) == 0
+    out = capsys.readouterr().out
+    accuracy = float(out.split("linear (sgd protocol, 1 epochs): ")[1].split()[0])
+    assert 0.3 < accuracy <= 1.0
+
+
 def test_killed_worker_resumes_from_checkpoint(ray_cluster, tiny_config, tmp_path):
     summary = train(tiny_config(), evaluate=False,
                     faults={"kill_worker_epoch": 0, "kill_rank": 1, "marker_dir": str(tmp_path)})
