@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from methods.evaluation import evaluate, linear_probe_exits, sgd_linear_probe
-from methods.training import OptimConfig, encode, fit
+from methods.training import encode, fit
 from orchestration.builders import Splits, load_splits, make_method
 from orchestration.config import ConfigError, ExperimentConfig, load_config
 
@@ -76,7 +76,7 @@ def run_row(row: str, cfg: ExperimentConfig, splits: Splits, device: str,
     method = make_method(cfg, train.in_channels, train.image_size)
     method.check_batch_size(cfg.optim.batch_size)
     o = cfg.optim
-    optim = OptimConfig(o.lr, o.momentum, o.weight_decay, o.warmup_epochs, o.precision)
+    optim = o.training()
     start = time.perf_counter()
     history = fit(method, train, o.epochs, o.batch_size, optim, cfg.clustering.num_clusters,
                   seed=cfg.seed, nredo=cfg.clustering.nredo, niter=cfg.clustering.niter,

@@ -72,7 +72,7 @@ def prototype_schedule(name: str, hparams: Mapping[str, Any] = ()) -> PrototypeS
 def build_method(name: str, backbone: nn.Module, views: ViewSpec, seed: int = 0,
                  regularizer: str | None = None, **hparams) -> Method:
     """Instantiate a registered method, wrapped in ``regularizer`` when one is named; an unknown
-    hyperparameter names the real ones. Raises ``ValueError`` naming ``method.<field>``."""
+    hyperparameter names the real ones; a constructor's ``ValueError`` names ``method.<field>``."""
     own = hyperparameters(name)
     allowed = hyperparameters(name, regularizer)
     unknown = sorted(set(hparams) - set(allowed))

@@ -7,11 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-from methods.backbones import build_backbone
 from methods.base import Method
 from methods.data import ImageDataset, load_dataset
-from methods.registry import build_method
-from methods.views import view_spec
 from orchestration.config import ExperimentConfig
 
 
@@ -42,10 +39,4 @@ def load_splits(cfg: ExperimentConfig, with_test: bool = False) -> Splits:
 def make_method(cfg: ExperimentConfig, in_channels: int, image_size: int, rank: int = 0) -> Method:
     """The configured method with seeded initialisation; each rank draws its own augmentations."""
     torch.manual_seed(cfg.seed)
-    overrides = {} if cfg.data.crop_min_scale is None else {"crop_scale": (cfg.data.crop_min_scale, 1.0)}
-    size = cfg.data.view_size or image_size  # below the images' side: more epochs per hour
-    views = view_spec(cfg.data.views, size=size, **overrides)
-    backbone = build_backbone(cfg.model.backbone, in_channels, size)
-    method = build_method(cfg.method.name, backbone, views, seed=cfg.seed * 1000 + rank,
-                          regularizer=cfg.method.regularizer, **cfg.method.hparams)
-    return method
+    return cfg.build_method(in_channels, image_size, seed=cfg.seed * 1000 + rank)

@@ -26,7 +26,7 @@ from pydantic import (
 )
 
 from methods.backbones import BACKBONES, build_backbone
-from methods.base import PrototypeSchedule
+from methods.base import Method, PrototypeSchedule
 from methods.batchnorm import SplitBatchNorm
 from methods.registry import (
     available,
@@ -36,6 +36,7 @@ from methods.registry import (
     prototype_schedule,
     regularizer_class,
 )
+from methods.training import OptimConfig
 from methods.views import view_spec
 
 # PCL's paper warm-up is 20 of 200 epochs; the CPU-sized default (20 epochs) keeps that ratio.
@@ -162,6 +163,11 @@ class OptimSection(Section):
     precision: Literal["fp32", "bf16"] = Field(
         "fp32", description="bf16: forward under bfloat16 autocast (CPUs with AMX, CUDA)")
 
+    def training(self) -> OptimConfig:
+        """The optimiser settings ``methods.training`` takes."""
+        return OptimConfig(self.lr, self.momentum, self.weight_decay, self.warmup_epochs,
+                           self.precision)
+
 
 class ClusteringSection(Section):
     num_clusters: list[int] = Field(default_factory=lambda: [50, 100, 200], min_length=1)
@@ -253,15 +259,23 @@ class ExperimentConfig(Section):
         return (method_class(self.method.name).reference_sync_batchnorm and s.use_gpu
                 and s.num_workers > 1)
 
+    def build_method(self, in_channels: int, image_size: int, seed: int = 0) -> Method:
+        """The configured method for images of ``in_channels`` x ``image_size`` px: views at
+        ``data.view_size`` (else the images' side), the backbone, the method's hyperparameters.
+        Raises ``ValueError`` naming the field a constructor refuses."""
+        d = self.data
+        crops = {} if d.crop_min_scale is None else {"crop_scale": (d.crop_min_scale, 1.0)}
+        size = d.view_size or image_size  # below the images' side: more epochs per hour
+        views = view_spec(d.views, size=size, **crops)
+        backbone = build_backbone(self.model.backbone, in_channels, size)
+        return build_method(self.method.name, backbone, views, seed=seed,
+                            regularizer=self.method.regularizer, **self.method.hparams)
+
     def _check_method_builds(self) -> None:
         """Build the method once on the configured backbone: its constructor's range checks are
         the hyperparameters' only validation, and a per-worker batch it cannot split (MoCo's
         shuffling BN) fails here rather than in a worker."""
-        channels, side = input_shape(self.data)
-        size = self.data.view_size or side
-        views = view_spec(self.data.views, size=size)
-        method = build_method(self.method.name, build_backbone(self.model.backbone, channels, size),
-                              views, regularizer=self.method.regularizer, **self.method.hparams)
+        method = self.build_method(*input_shape(self.data))
         method.check_batch_size(self.optim.batch_size // self.scaling.num_workers)
         if self.scaling.sync_batchnorm and not self.scaling.use_gpu:
             raise ValueError("scaling.sync_batchnorm: torch's SyncBatchNorm runs on GPUs only; set "

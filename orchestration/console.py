@@ -83,8 +83,7 @@ class EpochPrinter:
 
     def poll(self) -> None:
         history = epoch_history(self.client, self.run_id, EPOCH_KEYS)
-        seconds = [v["epoch_s"] for _, v in sorted(history.items()) if "epoch_s" in v]
         for epoch in sorted(set(history) - self.printed):
-            done = seconds[: sum(1 for e in history if e <= epoch and "epoch_s" in history[e])]
+            done = [v["epoch_s"] for e, v in history.items() if e <= epoch and "epoch_s" in v]
             print(format_epoch(epoch, self.epochs, history[epoch], done), flush=True)
             self.printed.add(epoch)

@@ -26,7 +26,6 @@ from methods.clustering import Prototypes
 from methods.evaluation import knn_accuracy
 from methods.training import (
     NonFiniteLossError,
-    OptimConfig,
     all_ranks,
     encode,
     epoch_batches,
@@ -77,7 +76,7 @@ def train_loop(config: dict) -> None:
     steps = len(epoch_batches(len(train), per_rank_batch, 0, cfg.seed, rank, world))
     o = cfg.optim
     optimizer, scheduler = make_optimizer(
-        method, OptimConfig(o.lr, o.momentum, o.weight_decay, o.warmup_epochs, o.precision), steps,
+        method, o.training(), steps,
         o.epochs)
 
     # --- resume from the latest checkpoint after a failure (all ranks restart together)
