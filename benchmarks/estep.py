@@ -59,7 +59,7 @@ def through_actor(service, features: np.ndarray, epoch: int, workers: int) -> tu
     def rank(r: int) -> float:
         refs = [ray.put(shards[r]), ray.put(features[shards[r]])]
         start = time.perf_counter()
-        ray.get(service.submit.remote(epoch, r, refs))
+        ray.get(service.submit.remote(epoch, r, refs, len(features)))
         answer = None
         while answer is None:  # the real workers meet in a barrier; here the last submit wins
             answer = ray.get(service.prototypes.remote(epoch, r))

@@ -41,6 +41,7 @@ from methods.training import (
     encode,
     epoch_batches,
     make_optimizer,
+    memory_batches,
     train_epoch,
 )
 from methods.views import view_spec
@@ -96,7 +97,8 @@ def check_methods(train: ImageDataset, steps: int, backbone: str, device: str) -
             prototypes = run_kmeans(features, [20, 40], method.schedule.temperature, seed=0,
                                     nredo=1).on_device(device)
         start = time.perf_counter()
-        metrics = train_epoch(method, train, batches, optimizer, scheduler, 0, prototypes, device,
+        metrics = train_epoch(method, memory_batches(train, batches), len(batches), optimizer,
+                              scheduler, 0, prototypes, device,
                               model=model, total_epochs=1, precision="bf16")
         sync(device)
         losses[name] = metrics["loss"]

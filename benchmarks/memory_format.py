@@ -34,7 +34,14 @@ from methods.backbones import build_backbone
 from methods.clustering import run_kmeans
 from methods.data import FASHION_MNIST_ROOT, load_fashion_mnist
 from methods.registry import build_method
-from methods.training import OptimConfig, encode, epoch_batches, make_optimizer, train_epoch
+from methods.training import (
+    OptimConfig,
+    encode,
+    epoch_batches,
+    make_optimizer,
+    memory_batches,
+    train_epoch,
+)
 from methods.views import view_spec
 from orchestration.config import load_config
 
@@ -65,7 +72,8 @@ def measure(backbone: str, train, precision: str, steps: int, repeats: int) -> d
     prototypes = run_kmeans(features, [50, 100, 200], 0.2, 0, nredo=1).on_device("cpu")
 
     def window(run: dict, first: int) -> None:
-        train_epoch(run["method"], train, batches[first : first + steps], run["optimizer"],
+        train_epoch(run["method"], memory_batches(train, batches[first : first + steps]), steps,
+                    run["optimizer"],
                     run["scheduler"], 0, prototypes, precision=precision)
 
     for run in runs.values():  # warm-up: oneDNN picks and caches its kernels

@@ -1,9 +1,10 @@
 """Datasets as in-memory uint8 tensors, items ``(index, image, label)``.
 
-Why in memory: every dataset protoray trains on in CPU runs (Fashion-MNIST, digits) fits in a few
-hundred MB, and the augmentation in ``views.py`` works on whole uint8 batches, so a DataLoader with
-per-image workers would only add copies. The index travels with every item because PCL needs to
-know which cluster each training image was assigned to in the E-step.
+Why in memory: the built-in sets (Fashion-MNIST, digits, a torchvision root) fit in a few hundred
+MB, and the augmentation in ``views.py`` works on whole uint8 batches, so a DataLoader with
+per-image workers would only add copies. Larger image folders and parquet files stream through
+Ray Data instead (``orchestration.streaming``). The index travels with every item because PCL
+needs to know which cluster each training image was assigned to in the E-step.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class ImageDataset:
     images: torch.Tensor
     labels: torch.Tensor
     classes: tuple[str, ...] = ()
+    skipped: int = 0  # images of the source that could not be decoded and were left out
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.ndim != 4:
@@ -133,31 +135,22 @@ def load_digits(split: str = "train", test_fraction: float = 0.25, seed: int = 0
     )
 
 
-def load_image_folder(root: str | Path, image_size: int = 32) -> ImageDataset:
-    """An ``ImageFolder`` tree (``root/<class>/<image>``) resized to a square ``image_size``.
+def load_image_folder(root: str | Path, image_size: int = 32, channels: int | None = None
+                      ) -> ImageDataset:
+    """An ``ImageFolder`` tree (``root/<class>/<image>``) decoded into memory, every image
+    resized to a square ``image_size``; unreadable files are left out and counted in ``skipped``.
+    ``channels`` None: the files' own (they must agree). For folders larger than memory, stream
+    them (``data.loader: stream``)."""
+    from methods.image_files import check_channels, decode_units, list_image_folder
 
-    The whole folder is decoded once into memory; for datasets larger than RAM use a torchvision
-    dataset root on a GPU node instead.
-    """
-    from torchvision.datasets import ImageFolder
-    from torchvision.transforms.v2 import functional as F
-
-    root = Path(root)
-    if not root.is_dir():
-        raise DatasetNotFoundError(f"image folder {root} does not exist; set data.root to a folder "
-                                   "with one sub-folder of images per class")
     try:
-        folder = ImageFolder(str(root))
-    except FileNotFoundError as exc:  # no class folders, or no images in them
-        raise DatasetNotFoundError(f"image folder {root} holds no images in class sub-folders "
-                                   f"({exc})") from exc
-    images = []
-    for path, _ in folder.samples:
-        image = F.pil_to_tensor(folder.loader(path))
-        images.append(F.resize(image, [image_size, image_size], antialias=True))
-    return ImageDataset(
-        torch.stack(images), torch.tensor(folder.targets, dtype=torch.long), tuple(folder.classes)
-    )
+        table = list_image_folder(root)
+    except ValueError as exc:
+        raise DatasetNotFoundError(str(exc)) from None
+    channels = channels or check_channels(table)
+    out = decode_units(table.units, image_size, channels)
+    return ImageDataset(torch.from_numpy(out["image"]), torch.from_numpy(out["label"]),
+                        table.classes, skipped=len(table) - len(out["index"]))
 
 
 def load_torchvision_root(name: str, root: str | Path, split: str = "train") -> ImageDataset:
@@ -191,12 +184,13 @@ def load_torchvision_root(name: str, root: str | Path, split: str = "train") -> 
                         tuple(getattr(ds, "classes", ())))
 
 
-DATASETS = ("fashion_mnist", "digits", "image_folder", "torchvision")
+DATASETS = ("fashion_mnist", "digits", "image_folder", "parquet", "torchvision")
 
 
 def load_dataset(name: str, split: str = "train", root: str | Path | None = None,
                  image_size: int = 32, torchvision_name: str = "CIFAR10") -> ImageDataset:
-    """Dispatch on the config's ``data.name``."""
+    """Dispatch on the config's ``data.name`` (the built-in sets and image folders; parquet
+    sources load through ``orchestration.builders.load_splits``)."""
     if name == "fashion_mnist":
         return load_fashion_mnist(root or FASHION_MNIST_ROOT, split)
     if name == "digits":
@@ -231,9 +225,12 @@ def check_dataset(name: str, root: str | Path | None = None) -> None:
             if len(header) < 4 or header[:3] != b"\x00\x00\x08":
                 raise DatasetNotFoundError(f"{path} is not an unsigned-byte IDX file; reinstall it "
                                            f"with `{FASHION_MNIST_INSTALL} --reinstall`")
-    elif name in ("image_folder", "torchvision"):
+    elif name in ("image_folder", "parquet", "torchvision"):
         if root is None:
             raise DatasetNotFoundError(f"data.root is required for data.name='{name}'")
         if not Path(root).is_dir():
-            what = "class-per-folder image tree" if name == "image_folder" else "dataset root"
+            if name == "parquet" and Path(root).is_file():
+                return
+            what = {"image_folder": "class-per-folder image tree",
+                    "parquet": "parquet file or folder of them"}.get(name, "dataset root")
             raise DatasetNotFoundError(f"data.root {root} is not a folder; point it at the {what}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -95,13 +95,21 @@ def autocast_for(device: str | torch.device, precision: str) -> torch.autocast:
     return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
-def train_epoch(method: Method, dataset: ImageDataset, batches: Sequence[torch.Tensor],
+def memory_batches(dataset: ImageDataset, index_batches: Sequence[torch.Tensor]) -> Iterator[Batch]:
+    """The ``Batch`` of every index batch (``epoch_batches``) of an in-memory dataset."""
+    for idx in index_batches:
+        yield Batch(idx, dataset.images[idx], dataset.labels[idx])
+
+
+def train_epoch(method: Method, batches: Iterable[Batch], steps: int,
                 optimizer: torch.optim.Optimizer, scheduler, epoch: int,
                 prototypes: DevicePrototypes | None = None, device: str | torch.device = "cpu",
                 model: torch.nn.Module | None = None, total_epochs: int | None = None,
                 precision: str = "fp32") -> dict[str, float]:
-    """One pass over ``batches``; returns the mean of every metric the method reports.
+    """One pass over ``batches`` (``steps`` of them, for the progress of schedules that read it);
+    returns the mean of every metric the method reports.
 
+    ``batches`` are on the CPU (``memory_batches``, or a Ray Data stream in the workers).
     ``model`` is what is called (a DDP wrapper in workers); ``method`` gets ``on_step_end``, with
     ``method.progress`` set first when ``total_epochs`` is known. ``precision="bf16"`` runs the
     forward under bfloat16 autocast (weights, gradients and optimiser stay float32): on a CPU
@@ -113,9 +121,10 @@ def train_epoch(method: Method, dataset: ImageDataset, batches: Sequence[torch.T
     model.train()
     method.epoch = epoch
     sums: dict[str, float] = {}
-    for step, idx in enumerate(batches):
-        batch = Batch(idx.to(device), dataset.images[idx].to(device, non_blocking=True),
-                      dataset.labels[idx].to(device))
+    done = 0
+    for step, cpu_batch in enumerate(batches):
+        batch = Batch(cpu_batch.indices.to(device), cpu_batch.images.to(device, non_blocking=True),
+                      cpu_batch.labels.to(device))
         with autocast:
             loss, metrics = model(batch, prototypes)
         if not all_ranks(bool(torch.isfinite(loss))):
@@ -128,11 +137,12 @@ def train_epoch(method: Method, dataset: ImageDataset, batches: Sequence[torch.T
         optimizer.step()
         scheduler.step()
         if total_epochs:
-            method.progress = (epoch + (step + 1) / len(batches)) / total_epochs
+            method.progress = (epoch + min(step + 1, steps) / steps) / total_epochs
         method.on_step_end()
         for name, value in {"loss": loss.item(), **metrics}.items():
             sums[name] = sums.get(name, 0.0) + value
-    out = {name: total / len(batches) for name, total in sums.items()}
+        done += 1
+    out = {name: total / max(done, 1) for name, total in sums.items()}
     out["lr"] = optimizer.param_groups[0]["lr"]
     return out
 
@@ -189,8 +199,8 @@ def fit(method: Method, dataset: ImageDataset, epochs: int, batch_size: int,
             found: Prototypes = run_kmeans(features, num_clusters, method.schedule.temperature,
                                            seed + epoch, niter=niter, nredo=nredo)
             prototypes, estep_s = found.on_device(device), time.perf_counter() - start
-        batches = epoch_batches(len(dataset), batch_size, epoch, seed)
-        metrics = train_epoch(method, dataset, batches, optimizer, scheduler, epoch, prototypes,
+        batches = memory_batches(dataset, epoch_batches(len(dataset), batch_size, epoch, seed))
+        metrics = train_epoch(method, batches, steps, optimizer, scheduler, epoch, prototypes,
                               device, total_epochs=epochs, precision=optim.precision)
         metrics.update(epoch=epoch, epoch_s=time.perf_counter() - start, estep_s=estep_s)
         history.append(metrics)

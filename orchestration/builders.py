@@ -1,15 +1,27 @@
-"""From a validated config to data splits and a method: the pieces the driver, the workers,
+"""From a validated config to data and a method: the pieces the driver, the workers,
 ``protoray eval`` and the benchmarks all build the same way."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import torch
 
 from methods.base import Method
 from methods.data import ImageDataset, load_dataset
-from orchestration.config import ExperimentConfig
+from methods.image_files import (
+    ImageTable,
+    check_channels,
+    decode_units,
+    list_image_folder,
+    list_parquet,
+    split_folder,
+)
+from orchestration.config import STREAMED, ExperimentConfig
+
+KNN_BANK_SIZE = 5000  # training images the online kNN compares the hold-out slice against
 
 
 @dataclass
@@ -19,8 +31,74 @@ class Splits:
     test: ImageDataset | None  # final evaluation (None where the dataset has no test split)
 
 
+@dataclass
+class TableSplits:
+    """An image-folder or parquet source, listed but not decoded (``methods.image_files``)."""
+
+    train: ImageTable
+    holdout: ImageTable
+    channels: int  # every image decodes to this many channels
+    streams: bool  # training streams through Ray Data (``DataSection.streams``)
+
+    @property
+    def knn_bank(self) -> ImageTable:
+        return _first_images(self.train, KNN_BANK_SIZE)
+
+
+def _first_images(table: ImageTable, n: int) -> ImageTable:
+    """The leading units holding at least ``n`` images (all of them if fewer)."""
+    enough = int(np.searchsorted(np.cumsum(table.units["num_rows"]), n)) + 1
+    return table.take(np.arange(min(enough, table.num_units)))
+
+
+def _sample_images(table: ImageTable, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A seeded random set of units holding at least ``n`` images, and the other units (both as
+    sorted positions)."""
+    order = np.random.default_rng(seed).permutation(table.num_units)
+    k = int(np.searchsorted(np.cumsum(table.units["num_rows"][order]), n)) + 1 if n else 0
+    return np.sort(order[:k]), np.sort(order[k:])
+
+
+def list_split(cfg: ExperimentConfig, split: str) -> ImageTable:
+    """The units of ``split`` of an image-folder or parquet source. Raises
+    ``methods.image_files.ImageSourceError`` (one line naming the path) when it is unusable and
+    ``FileNotFoundError`` for a missing test split."""
+    d = cfg.data
+    root = Path(d.root)
+    if d.name == "image_folder":
+        return list_image_folder(split_folder(root, split))
+    folder = split_folder(root, split) if root.is_dir() else root
+    return list_parquet(folder, d.image_column, d.label_column)
+
+
+def table_splits(cfg: ExperimentConfig) -> TableSplits:
+    """Training units minus a seeded hold-out of whole units (at least ``data.knn_holdout``
+    images, at most a fifth), the channel count and whether training streams. Reads file
+    listings, parquet footers and (without ``data.channels``) image headers: no decoding."""
+    d = cfg.data
+    table = list_split(cfg, "train")
+    if d.limit:
+        table = _first_images(table, d.limit)
+    channels = d.channels or check_channels(table)
+    hold, rest = _sample_images(table, min(d.knn_holdout, len(table) // 5), cfg.seed)
+    train = table.take(rest)
+    return TableSplits(train, table.take(hold), channels, d.streams(len(train), channels))
+
+
+def decode_table(table: ImageTable, image_size: int, channels: int) -> ImageDataset:
+    """Every image of ``table`` decoded in this process; unreadable ones are counted in
+    ``skipped`` and left out."""
+    out = decode_units(table.units, image_size, channels, table.image_column, table.label_column)
+    return ImageDataset(torch.from_numpy(out["image"]), torch.from_numpy(out["label"]),
+                        table.classes, skipped=len(table) - len(out["index"]))
+
+
 def load_splits(cfg: ExperimentConfig, with_test: bool = False) -> Splits:
-    """The training split minus a fixed, seeded hold-out slice for online kNN accuracy."""
+    """The training split minus a fixed, seeded hold-out slice for online kNN accuracy, decoded
+    into memory. A streamed source (``TableSplits.streams``) with ``with_test`` gives the final
+    evaluation a seeded sample of ``data.eval_limit`` training and test images instead."""
+    if cfg.data.name in STREAMED:
+        return _decoded_table_splits(cfg, with_test)
     d = cfg.data
     full = load_dataset(d.name, "train", d.root, d.image_size, d.torchvision_name)
     if d.limit:
@@ -34,6 +112,24 @@ def load_splits(cfg: ExperimentConfig, with_test: bool = False) -> Splits:
         except (FileNotFoundError, ValueError):
             test = None
     return Splits(full.subset(order[n_hold:].sort().values), full.subset(order[:n_hold]), test)
+
+
+def _decoded_table_splits(cfg: ExperimentConfig, with_test: bool) -> Splits:
+    d = cfg.data
+    tables = table_splits(cfg)
+    train, test = tables.train, None
+    if with_test:
+        try:
+            test = list_split(cfg, "test")
+        except FileNotFoundError:
+            test = None
+        if tables.streams:
+            train = train.take(_sample_images(train, d.eval_limit, cfg.seed)[0])
+            if test is not None:
+                test = test.take(_sample_images(test, d.eval_limit, cfg.seed)[0])
+    size, channels = d.image_size, tables.channels
+    return Splits(decode_table(train, size, channels), decode_table(tables.holdout, size, channels),
+                  decode_table(test, size, channels) if test is not None else None)
 
 
 def make_method(cfg: ExperimentConfig, in_channels: int, image_size: int, rank: int = 0) -> Method:

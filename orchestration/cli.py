@@ -59,6 +59,18 @@ def _parser() -> argparse.ArgumentParser:
                         "trained by SGD on augmented crops of the frozen encoder), added as linear_sgd")
     e.add_argument("--epochs", type=int, default=10,
                    help="epochs of the sgd protocol (default 10 for a CPU; the papers train 100)")
+    d = sub.add_parser("write-dataset", help="write a built-in dataset as an image folder or "
+                       "parquet files (to try the streaming loader)",
+                       description="Writes OUT/train and OUT/val in the layout data.name: "
+                       "image_folder or parquet reads.")
+    d.add_argument("name", choices=["fashion_mnist", "digits"])
+    d.add_argument("out", help="a new or empty folder")
+    d.add_argument("--format", default="image_folder", choices=["image_folder", "parquet"])
+    d.add_argument("--size", type=int, default=None, help="resize to SIZE x SIZE pixels")
+    d.add_argument("--rgb", action="store_true", help="write 3-channel images")
+    d.add_argument("--repeat", type=int, default=1,
+                   help="write every training image this many times under new names")
+    d.add_argument("--limit", type=int, default=None, help="only the first N images of each split")
     return p
 
 
@@ -130,10 +142,22 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _write_dataset(args: argparse.Namespace) -> int:
+    from orchestration.write_dataset import write_dataset
+
+    out = write_dataset(args.name, args.out, args.format, args.size, args.rgb, args.repeat,
+                        args.limit)
+    print(f"wrote {out}/train and {out}/val; train on it with --set data.name={args.format} "
+          f"data.root={out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {"train": _train, "eval": _eval, "sweep": _sweep}[args.command](args)
+        commands = {"train": _train, "eval": _eval, "sweep": _sweep,
+                    "write-dataset": _write_dataset}
+        return commands[args.command](args)
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         print(f"protoray: {exc}", file=sys.stderr)
         return 2

@@ -46,6 +46,9 @@ DEFAULT_METHOD = {"name": "pcl", "warmup_epochs": 2}
 # counts and the method can be checked before any data is loaded.
 KNOWN_TRAIN_SIZES = {"fashion_mnist": 60_000, "digits": 1_347}
 KNOWN_SHAPES = {"fashion_mnist": (1, 28), "digits": (1, 8), "torchvision": (3, 32)}
+STREAMED = ("image_folder", "parquet")  # the sources Ray Data can stream
+# ``data.loader: auto`` streams a source whose decoded training set is larger than this per worker
+MEMORY_LOADER_BYTES = 2**30
 
 
 class ConfigError(ValueError):
@@ -58,10 +61,28 @@ class Section(BaseModel):
 
 
 class DataSection(Section):
-    name: Literal["fashion_mnist", "digits", "image_folder", "torchvision"] = "fashion_mnist"
+    name: Literal["fashion_mnist", "digits", "image_folder", "parquet", "torchvision"] = \
+        "fashion_mnist"
     root: str | None = None  # None: the dataset's default location
     torchvision_name: str = "CIFAR10"
-    image_size: int = Field(32, ge=8, description="resize image folders to this side")
+    image_size: int = Field(32, ge=8, description="side image folders and parquet images are "
+                            "resized to")
+    channels: Literal[1, 3] | None = Field(None, description="convert every image folder / "
+                                           "parquet image to grayscale (1) or RGB (3); None: the "
+                                           "files' own, which must agree")
+    image_column: str = "image"  # parquet: encoded image bytes (or a {bytes, path} struct)
+    label_column: str | None = "label"  # parquet: integer labels; None: unlabelled
+    loader: Literal["auto", "memory", "stream"] = Field(
+        "auto", description="memory: decode the training set into every worker; stream: Ray "
+        "Data decodes it in CPU tasks while the workers train (image_folder and parquet only); "
+        "auto: stream when the decoded set exceeds MEMORY_LOADER_BYTES per worker")
+    decode_cpus: float = Field(1, gt=0, description="logical CPUs per worker for Ray Data's "
+                               "decoding tasks (streaming)")
+    prefetch_batches: int = Field(2, ge=0, description="batches a worker decodes ahead (streaming)")
+    object_store_mb: int = Field(1024, ge=64, description="object-store memory one worker's "
+                                 "stream may hold (streaming)")
+    eval_limit: int = Field(50_000, ge=100, description="streamed sources: training and test "
+                            "images the final evaluation decodes (a seeded sample)")
     limit: int | None = Field(None, ge=2, description="use only the first N training images")
     views: str = "small"  # a preset of methods.views.PRESETS
     crop_min_scale: float | None = Field(None, gt=0, le=1)
@@ -69,6 +90,21 @@ class DataSection(Section):
                                   "resize images to (evaluation keeps the images' own); None: "
                                   "the images' own")
     knn_holdout: int = Field(1000, ge=0, description="training images kept out for online kNN")
+
+    @model_validator(mode="after")
+    def _stream_sources(self) -> DataSection:
+        if self.loader == "stream" and self.name not in STREAMED:
+            raise ValueError(f"data.loader: stream reads {' and '.join(STREAMED)} sources, not "
+                             f"{self.name}; write it out with `protoray export-dataset` first")
+        return self
+
+    def streams(self, num_images: int, channels: int) -> bool:
+        """Whether training streams: the rule ``loader: auto`` applies, given the training set's
+        size. Built-in sets always load into memory."""
+        if self.name not in STREAMED or self.loader == "memory":
+            return False
+        return self.loader == "stream" or num_images * channels * self.image_size**2 > \
+            MEMORY_LOADER_BYTES
 
     @field_validator("views")
     @classmethod
@@ -206,7 +242,7 @@ class TrackingSection(Section):
 def input_shape(data: DataSection) -> tuple[int, int]:
     """(channels, side) the training images will have: the built-in sets' own, else RGB at
     ``data.image_size``."""
-    return KNOWN_SHAPES.get(data.name, (3, data.image_size))
+    return KNOWN_SHAPES.get(data.name, (data.channels or 3, data.image_size))
 
 
 class ExperimentConfig(Section):
@@ -283,6 +319,13 @@ class ExperimentConfig(Section):
         if self.sync_batchnorm() and any(isinstance(m, SplitBatchNorm) for m in method.modules()):
             raise ValueError("scaling.sync_batchnorm: this method shuffles BatchNorm in slices "
                              "(method.bn_splits > 1) instead; set one of them off")
+        d = self.data
+        if (method.rank_state() is not None and d.name == "parquet" and d.loader != "memory"
+                and self.scaling.num_workers > 1):
+            # rank r owns bank rows r, r + W, ...; a streamed parquet shard is whole row groups
+            raise ValueError(f"data.loader: {self.method.name}'s memory bank is split by image "
+                             "index across workers, and streamed parquet row groups are not; "
+                             "set data.loader: memory, use one worker, or an image folder")
 
     def train_size(self) -> int | None:
         """Training samples after the kNN hold-out and ``limit``, when knowable without loading."""

@@ -25,6 +25,7 @@ class PrototypeService:
     def __init__(self, world_size: int, num_clusters: list[int], temperature: float, seed: int,
                  niter: int = 20, nredo: int = 1, faults: dict | None = None):
         self.world_size = world_size
+        self.num_samples = 0  # the training set's size, as the workers submit it
         self.num_clusters = list(num_clusters)
         self.temperature = temperature
         self.seed = seed
@@ -34,9 +35,11 @@ class PrototypeService:
         self.log: dict[int, dict] = {}  # epoch -> {"ref", "ranks", "seconds"} for tests and MLflow
         self.faults = faults or {}
 
-    def submit(self, epoch: int, rank: int, refs: list) -> None:
-        """Keep this rank's shard refs (passed inside a list so Ray does not resolve them)."""
+    def submit(self, epoch: int, rank: int, refs: list, num_samples: int) -> None:
+        """Keep this rank's shard refs (passed inside a list so Ray does not resolve them) and
+        the training set's size (indices run from 0 to ``num_samples - 1``)."""
         self.shards.setdefault(epoch, {})[rank] = refs
+        self.num_samples = num_samples
 
     def prototypes(self, epoch: int, rank: int) -> list | None:
         """``[ref]`` to this epoch's Prototypes, computed on the first call; None if shards are
@@ -45,35 +48,46 @@ class PrototypeService:
             shards = self.shards.get(epoch, {})
             if len(shards) < self.world_size:
                 return None
-            features = self._assemble([ray.get(shards[r]) for r in range(self.world_size)])
+            present, features = self._assemble([ray.get(shards[r]) for r in range(self.world_size)])
             self._inject_death(epoch)
             start = time.perf_counter()
             found = run_kmeans(features, self.num_clusters, self.temperature,
                                self.seed + epoch, self.niter, self.nredo)
+            found.assignments = [self._expand(present, a) for a in found.assignments]
             found.epoch = epoch
             self.results[epoch] = ray.put(found)
             self.log[epoch] = {"ref": self.results[epoch].hex(), "ranks": [],
-                               "seconds": time.perf_counter() - start}
+                               "seconds": time.perf_counter() - start,
+                               "encoded": len(present)}
             self.shards.pop(epoch, None)
             self.results = {e: r for e, r in self.results.items() if e >= epoch - 1}
         self.log[epoch]["ranks"].append(rank)
         return [self.results[epoch]]
 
-    @staticmethod
-    def _assemble(parts: list) -> np.ndarray:
-        """Scatter every shard's rows to their dataset indices: one copy of the matrix (a
-        concatenate-then-reorder would make two, a measurable share of a small-K E-step)."""
-        total = sum(len(idx) for idx, _ in parts)
-        features = np.empty((total, parts[0][1].shape[1]), dtype=np.float32)
-        seen = np.zeros(total, dtype=np.int64)
+    def _assemble(self, parts: list) -> tuple[np.ndarray, np.ndarray]:
+        """(indices [n], features [n, D]) of every image the ranks encoded, in index order.
+        Images that could not be decoded are absent (n < ``num_samples``); an index out of
+        range or sent twice raises ``ValueError``."""
+        seen = np.zeros(self.num_samples, dtype=np.int64)
+        for idx, _ in parts:
+            if len(idx) and (idx.min() < 0 or idx.max() >= self.num_samples):
+                raise ValueError(f"worker shards hold indices outside 0..{self.num_samples - 1}")
+            np.add.at(seen, idx, 1)
+        if (seen > 1).any():
+            raise ValueError(f"worker shards encoded {int((seen > 1).sum())} images twice")
+        present = np.flatnonzero(seen)
+        # scatter every shard's rows straight to their place: one copy of the matrix
+        position = np.cumsum(seen) - 1
+        features = np.empty((len(present), parts[0][1].shape[1]), dtype=np.float32)
         for idx, feat in parts:
-            if len(idx) and (idx.min() < 0 or idx.max() >= total):
-                raise ValueError("worker shards do not cover the dataset exactly once")
-            features[idx] = feat
-            seen[idx] += 1
-        if not (seen == 1).all():
-            raise ValueError("worker shards do not cover the dataset exactly once")
-        return features
+            features[position[idx]] = feat
+        return present, features
+
+    def _expand(self, present: np.ndarray, assignments: np.ndarray) -> np.ndarray:
+        """Cluster ids for every index; -1 for images that were not encoded (never trained on)."""
+        full = np.full(self.num_samples, -1, dtype=np.int64)
+        full[present] = assignments
+        return full
 
     def _inject_death(self, epoch: int) -> None:
         """Test hook: die once in the middle of ``faults["kill_actor_epoch"]``'s E-step."""
@@ -92,7 +106,8 @@ class PrototypeService:
         return os.getpid()
 
 
-def fetch_prototypes(service, epoch: int, rank: int, refs: list, barrier, all_ok) -> Prototypes:
+def fetch_prototypes(service, epoch: int, rank: int, refs: list, num_samples: int, barrier,
+                     all_ok) -> Prototypes:
     """Submit this rank's shard, wait for every rank, fetch the shared Prototypes.
 
     ``barrier()`` synchronises the ranks; ``all_ok(flag)`` is True only if every rank's flag is.
@@ -101,7 +116,7 @@ def fetch_prototypes(service, epoch: int, rank: int, refs: list, barrier, all_ok
     for _ in range(10):
         found = None
         with contextlib.suppress(ray.exceptions.RayError):  # restarting: the next round resubmits
-            ray.get(service.submit.remote(epoch, rank, refs))
+            ray.get(service.submit.remote(epoch, rank, refs, num_samples))
         barrier()
         try:
             answer = ray.get(service.prototypes.remote(epoch, rank))

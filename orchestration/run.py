@@ -21,11 +21,13 @@ from ray.train.torch import TorchTrainer
 
 from methods.data import check_dataset
 from orchestration import tracking
+from orchestration.builders import TableSplits, table_splits
 from orchestration.checkpoints import CHECKPOINT_FILE
-from orchestration.config import ConfigError, ExperimentConfig
+from orchestration.config import STREAMED, ConfigError, ExperimentConfig
 from orchestration.console import EpochPrinter
 from orchestration.evaluate import evaluate_checkpoint
 from orchestration.prototypes import PrototypeService
+from orchestration.streaming import stream_datasets
 from orchestration.worker import train_loop
 
 
@@ -97,11 +99,19 @@ def check_cluster(cfg: ExperimentConfig) -> None:
 
 
 def cpus_per_run(cfg: ExperimentConfig) -> float:
-    """Logical CPUs one run reserves: its driver, its Train workers and, for methods that
-    cluster, the prototype actor."""
-    s = cfg.scaling
+    """Logical CPUs one run reserves: its driver, its Train workers, for methods that cluster
+    the prototype actor, and for sources that may stream Ray Data's decoding tasks."""
+    s, d = cfg.scaling, cfg.data
     actor = cfg.clustering.cpus if cfg.method.schedule() is not None else 0
-    return 1 + s.num_workers * s.cpus_per_worker + actor
+    decode = s.num_workers * d.decode_cpus if d.name in STREAMED and d.loader != "memory" else 0
+    return 1 + s.num_workers * s.cpus_per_worker + actor + decode
+
+
+def check_source(cfg: ExperimentConfig) -> TableSplits | None:
+    """Before Ray starts: the training data exists and, for an image folder or parquet source,
+    lists cleanly (one line naming the file otherwise). Returns that listing."""
+    check_dataset(cfg.data.name, cfg.data.root)
+    return table_splits(cfg) if cfg.data.name in STREAMED else None
 
 
 def train(cfg: ExperimentConfig, address: str | None = None, evaluate: bool = True,
@@ -111,7 +121,7 @@ def train(cfg: ExperimentConfig, address: str | None = None, evaluate: bool = Tr
     ``verbose=False`` (the CLI's default) prints one line per epoch instead of Ray's output.
     ``faults`` is for the reliability tests only (kill a worker or the actor, inject a NaN).
     """
-    check_dataset(cfg.data.name, cfg.data.root)  # before Ray starts: one line, not a traceback
+    tables = check_source(cfg)  # before Ray starts: one line, not a traceback
     check_gpus(cfg, joining=bool(address or os.environ.get("RAY_ADDRESS")))
     ensure_ray(address, cpus_per_run(cfg), verbose)
     check_cluster(cfg)
@@ -123,8 +133,9 @@ def train(cfg: ExperimentConfig, address: str | None = None, evaluate: bool = Tr
             print(f"MLflow run {run_id} ({tracking.run_name(cfg)}): {cfg.scaling.num_workers} "
                   f"workers, {cfg.optim.epochs} epochs", flush=True)
             with EpochPrinter(tracking_uri, run_id, cfg.optim.epochs):
-                return execute(cfg, run_id, tracking_uri, evaluate=evaluate, faults=faults)
-        return execute(cfg, run_id, tracking_uri, evaluate=evaluate, faults=faults)
+                return execute(cfg, run_id, tracking_uri, evaluate=evaluate, faults=faults,
+                               tables=tables)
+        return execute(cfg, run_id, tracking_uri, evaluate=evaluate, faults=faults, tables=tables)
 
 
 def start_prototype_service(cfg: ExperimentConfig, run_id: str, faults: dict | None = None):
@@ -142,15 +153,19 @@ def start_prototype_service(cfg: ExperimentConfig, run_id: str, faults: dict | N
 
 def execute(cfg: ExperimentConfig, run_id: str, tracking_uri: str, evaluate: bool = True,
             faults: dict | None = None, callbacks: tuple = (), storage_path: str | None = None,
-            name: str | None = None) -> RunSummary:
+            name: str | None = None, tables: TableSplits | None = None) -> RunSummary:
     """The prototype actor, the TorchTrainer and the final evaluation, all recorded in the
     already-open MLflow run ``run_id``. ``train`` and every sweep trial go through here; a trial
     adds Tune's report callback and keeps its Train run under the sweep's directory.
 
     Re-running with the same ``name`` and storage resumes from the latest checkpoint (Train V2).
+    ``tables`` is ``check_source``'s listing, made again here when not given.
     """
     s = cfg.scaling
-    tracking.log_run_start(run_id, cfg)
+    if tables is None and cfg.data.name in STREAMED:
+        tables = table_splits(cfg)
+    stream = stream_datasets(cfg, tables) if tables is not None and tables.streams else None
+    tracking.log_run_start(run_id, cfg, loader="stream" if stream else "memory")
     service = start_prototype_service(cfg, run_id, faults)
     storage = storage_path or cfg.tracking.storage_path
     if "://" not in storage:
@@ -158,7 +173,9 @@ def execute(cfg: ExperimentConfig, run_id: str, tracking_uri: str, evaluate: boo
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"experiment": cfg.model_dump(mode="json"), "prototype_service": service,
-                           "faults": faults},
+                           "faults": faults, "stream": stream.info if stream else None},
+        datasets=stream.datasets if stream else None,
+        dataset_config=stream.data_config if stream else None,
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
                                      resources_per_worker={"CPU": s.cpus_per_worker}),
         run_config=RunConfig(

@@ -33,10 +33,9 @@ from ray import tune
 from ray.tune.search.basic_variant import BasicVariantGenerator
 from ray.tune.search.sample import Categorical, Domain, Float, Integer
 
-from methods.data import check_dataset
 from orchestration import tracking
 from orchestration.config import ConfigError, ExperimentConfig, build_config, load_config, set_path
-from orchestration.run import check_gpus, cpus_per_run, ensure_ray, execute
+from orchestration.run import check_gpus, check_source, cpus_per_run, ensure_ray, execute
 from orchestration.tracking import resolve_tracking_uri
 
 METRIC = "knn_holdout"  # what every epoch reports and ASHA ranks
@@ -180,7 +179,7 @@ def run_sweep(config: ExperimentConfig | str | Path, space: dict[str, Any], num_
         raise ConfigError(f"grace_period: must be between 1 and optim.epochs={cfg.optim.epochs}")
     base = _absolute(cfg)
     validate_space(base, space)
-    check_dataset(cfg.data.name, cfg.data.root)
+    check_source(cfg)
     check_gpus(cfg, joining=bool(address or os.environ.get("RAY_ADDRESS")))
 
     ensure_ray(address, max_concurrent_trials * cpus_per_run(cfg))

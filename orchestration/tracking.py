@@ -78,12 +78,13 @@ def open_run(name: str | None = None, run_id: str | None = None):
     return mlflow.start_run(run_name=name, run_id=run_id)
 
 
-def log_run_start(run_id: str, cfg: ExperimentConfig) -> None:
-    """Params (the flattened config), tags, the config file and the dataset as the run's input."""
+def log_run_start(run_id: str, cfg: ExperimentConfig, loader: str = "memory") -> None:
+    """Params (the flattened config), tags (``loader``: how the training images reached the
+    workers, ``memory`` or ``stream``), the config file and the dataset as the run's input."""
     client = MlflowClient()
     mlflow.log_params({k: json.dumps(v) if isinstance(v, (list, dict)) else v
                        for k, v in cfg.flat().items()}, run_id=run_id)
-    for key, value in run_tags(cfg).items():
+    for key, value in {**run_tags(cfg), "loader": loader}.items():
         client.set_tag(run_id, key, value)
     mlflow.log_text(to_yaml(cfg), "config.yaml", run_id=run_id)
     _log_dataset(run_id, cfg)

@@ -13,6 +13,7 @@ import signal
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import ray
@@ -21,17 +22,11 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
+from methods.base import Batch
 from methods.batchnorm import broadcast_batchnorm_stats
 from methods.clustering import Prototypes
 from methods.evaluation import knn_accuracy
-from methods.training import (
-    NonFiniteLossError,
-    all_ranks,
-    encode,
-    epoch_batches,
-    make_optimizer,
-    train_epoch,
-)
+from methods.training import NonFiniteLossError, all_ranks, encode, make_optimizer, train_epoch
 from orchestration.builders import load_splits, make_method
 from orchestration.checkpoints import (
     CHECKPOINT_FILE,
@@ -42,13 +37,22 @@ from orchestration.checkpoints import (
 )
 from orchestration.config import ExperimentConfig
 from orchestration.prototypes import fetch_prototypes
-
-KNN_BANK_SIZE = 5000  # training images the online kNN compares the hold-out slice against
+from orchestration.shards import MemoryShard, StreamShard
 
 
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def _sum_over_ranks(value: int) -> int:
+    if not dist.is_initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.int64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t)
+    return int(t.item())
 
 
 def train_loop(config: dict) -> None:
@@ -60,10 +64,14 @@ def train_loop(config: dict) -> None:
     torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
 
     # --- set-up: data, method, optimiser (identical on every rank but the augmentation seed)
-    splits = load_splits(cfg)
-    train = splits.train
-    method = make_method(cfg, train.in_channels, train.image_size, rank).to(device)
-    method.bind_data(len(train), rank, world)
+    per_rank_batch = cfg.optim.batch_size // world
+    if config.get("stream"):  # Ray Data decodes this rank's shard while it trains
+        shard = StreamShard(config["stream"], cfg.data.image_size, per_rank_batch,
+                            cfg.data.prefetch_batches, rank)
+    else:
+        shard = MemoryShard(load_splits(cfg), per_rank_batch, cfg.seed, rank, world)
+    method = make_method(cfg, shard.in_channels, shard.image_size, rank).to(device)
+    method.bind_data(shard.num_images, rank, world)
     if cfg.sync_batchnorm():  # before DDP wraps the model, as torch requires
         method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
     with warnings.catch_warnings():
@@ -72,12 +80,8 @@ def train_loop(config: dict) -> None:
         warnings.simplefilter("ignore", FutureWarning)
         model = ray.train.torch.prepare_model(method,
                                               parallel_strategy_kwargs={"broadcast_buffers": False})
-    per_rank_batch = cfg.optim.batch_size // world
-    steps = len(epoch_batches(len(train), per_rank_batch, 0, cfg.seed, rank, world))
     o = cfg.optim
-    optimizer, scheduler = make_optimizer(
-        method, o.training(), steps,
-        o.epochs)
+    optimizer, scheduler = make_optimizer(method, o.training(), shard.steps, o.epochs)
 
     # --- resume from the latest checkpoint after a failure (all ranks restart together)
     start_epoch, prototypes = 0, None
@@ -95,7 +99,6 @@ def train_loop(config: dict) -> None:
         if state["prototypes"]:
             prototypes = Prototypes.from_state_dict(state["prototypes"])
 
-    shard = torch.arange(len(train))[rank::world]  # what this rank encodes for the E-step
     for epoch in range(start_epoch, o.epochs):
         start = time.perf_counter()
         metrics: dict[str, float] = {"epoch": epoch}
@@ -104,32 +107,38 @@ def train_loop(config: dict) -> None:
         clustered = method.uses_prototypes(epoch)
         if clustered:
             broadcast_batchnorm_stats(method)  # every shard encoded with rank 0's statistics
-            features = encode(method.cluster_embed, train.images[shard], method, device=device,
-                              precision=o.precision)
-            refs = [ray.put(shard.numpy()), ray.put(features)]
+            indices, features = shard.encode(method.cluster_embed, method, device, o.precision)
+            refs = [ray.put(indices), ray.put(features)]
             waited = time.perf_counter()
-            prototypes = fetch_prototypes(service, epoch, rank, refs, _barrier, all_ranks)
+            prototypes = fetch_prototypes(service, epoch, rank, refs, shard.num_images, _barrier,
+                                          all_ranks)
             metrics["estep_s"] = time.perf_counter() - start
             metrics["estep_wait_s"] = time.perf_counter() - waited
             metrics["kmeans_s"] = prototypes.seconds
         active = prototypes if clustered else None
 
         # --- M-step: one pass over this rank's shard
-        batches = epoch_batches(len(train), per_rank_batch, epoch, cfg.seed, rank, world)
         _inject_nan(config.get("faults"), epoch, rank, method)
+        seen: list[torch.Tensor] = []  # this epoch's image indices, to report repeats
+        batches = _recorded(_kill_mid_epoch(shard.batches(epoch), config.get("faults"), epoch,
+                                            rank), seen)
         try:
-            metrics.update(train_epoch(method, train, batches, optimizer, scheduler, epoch,
+            metrics.update(train_epoch(method, batches, shard.steps, optimizer, scheduler, epoch,
                                        active.on_device(device) if active else None, device, model,
                                        total_epochs=cfg.optim.epochs, precision=o.precision))
         except NonFiniteLossError as exc:  # every rank raises at the same step (all_ranks)
             ray.train.report({"epoch": epoch, "stopped": str(exc)})
             return
         metrics["epoch_s"] = time.perf_counter() - start
+        metrics["skipped_images"] = _sum_over_ranks(shard.skipped)
+        trained = torch.cat(seen) if seen else torch.zeros(0, dtype=torch.long)
+        metrics["images_trained"] = _sum_over_ranks(len(trained))
+        metrics["repeated_images"] = _sum_over_ranks(len(trained) - len(trained.unique()))
 
         # --- report: metrics from every rank; the checkpoint and online kNN from rank 0, plus
         # each rank's own file where the method keeps per-rank state (Ray merges the files)
         if rank == 0:
-            metrics["knn_holdout"] = _online_knn(method, train, splits.holdout, device)
+            metrics["knn_holdout"] = _online_knn(method, *shard.knn_sets(), device)
         own = method.rank_state()
         if rank == 0 or own is not None:
             with tempfile.TemporaryDirectory() as directory:
@@ -144,22 +153,39 @@ def train_loop(config: dict) -> None:
         _inject_kill(config.get("faults"), epoch, rank)
 
 
-def _online_knn(method, train, holdout, device) -> float:
+def _online_knn(method, bank, holdout, device) -> float:
     """Weighted kNN accuracy of the hold-out slice against a fixed sample of training images."""
     if len(holdout) == 0:
         return float("nan")
-    bank = train.subset(torch.arange(min(KNN_BANK_SIZE, len(train))))
     bank_x = encode(method.embed, bank.images, method, device=device, native_size=True)
     hold_x = encode(method.embed, holdout.images, method, device=device, native_size=True)
     return knn_accuracy(bank_x, bank.labels.numpy(), hold_x, holdout.labels.numpy(),
                         k=min(200, len(bank)))
 
 
-def _inject_kill(faults: dict | None, epoch: int, rank: int) -> None:
+def _recorded(batches: Iterator[Batch], seen: list[torch.Tensor]) -> Iterator[Batch]:
+    for batch in batches:
+        seen.append(batch.indices)
+        yield batch
+
+
+def _kill_mid_epoch(batches: Iterator[Batch], faults: dict | None, epoch: int, rank: int
+                    ) -> Iterator[Batch]:
+    """Test hook: with ``faults["kill_step"]``, ``_inject_kill`` happens at that step of the
+    epoch instead of after its report."""
+    for step, batch in enumerate(batches):
+        if faults and faults.get("kill_step") == step:
+            _inject_kill(faults, epoch, rank, mid_epoch=True)
+        yield batch
+
+
+def _inject_kill(faults: dict | None, epoch: int, rank: int, mid_epoch: bool = False) -> None:
     """Test hook: SIGKILL this worker once, after ``faults["kill_worker_epoch"]``'s report, on
     ``faults["kill_rank"]``. A marker file makes it happen once, as in Ray's own fault tests.
     ``protoray train`` never sets ``faults``."""
     if not faults or faults.get("kill_worker_epoch") != epoch or faults.get("kill_rank", 0) != rank:
+        return
+    if mid_epoch != ("kill_step" in faults):
         return
     marker = Path(faults["marker_dir"]) / "worker_killed"
     if not marker.exists():
