@@ -17,6 +17,8 @@ What is measured
       - memory: protoray's in-memory path (every worker decodes the folder first, untimed).
       The modes alternate, ``--repeats`` times; the table shows medians.
       Targets: stream >= 1.3x dataloader, stream >= 0.8x memory.
+      The same three feeds alone (batches and the two views, no training step) show each data
+      path's capacity, what a GPU step would be waiting on.
     * memory: peak resident memory of one training worker (``ru_maxrss``, rank 0) and the peak
       proportional set size (PSS) summed over every process of the Ray node (sampled each 0.5 s),
       for the streamed 60k and 600k folders (``--memory-steps`` steps each) and for the in-memory
@@ -69,13 +71,16 @@ def ensure_folder(data_dir: Path, repeat: int) -> Path:
     return out
 
 
+OVERRIDES: list[str] = []  # --set, for every run
+
+
 def simclr_config(folder: Path, loader: str, tmp: str, *more: str) -> ExperimentConfig:
     return load_config(None, [
         "method.name=simclr", "data.name=image_folder", f"data.root={folder}",
         "data.image_size=64", "data.channels=3", "data.views=small", f"data.loader={loader}",
         "optim.batch_size=256", "scaling.num_workers=2", "scaling.cpus_per_worker=1",
         f"tracking.tracking_uri=sqlite:///{tmp}/mlruns.db", f"tracking.storage_path={tmp}/ray",
-        *more])
+        *OVERRIDES, *more])
 
 
 class PairStep(torch.nn.Module):
@@ -128,20 +133,29 @@ def train_steps(config: dict) -> None:
         batches = (b for epoch in range(100) for b in shard.batches(epoch))
     optimizer = torch.optim.SGD(method.parameters(), lr=0.06, momentum=0.9)
     torch.distributed.barrier()
-    start = time.perf_counter()
+    start, waited = time.perf_counter(), 0.0
     for step in range(warmup + steps):
         if step == warmup:
             torch.distributed.barrier()
-            start = time.perf_counter()
+            start, waited = time.perf_counter(), 0.0
+        asked = time.perf_counter()
         batch = next(batches)
+        waited += time.perf_counter() - asked
+        if config["feed_only"]:  # the views the step would get, and no step
+            if mode != "dataloader":
+                method.view(batch.images), method.view(batch.images)
+            continue
         loss = model(*batch) if mode == "dataloader" else model(batch)[0]
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
     torch.distributed.barrier()
     seconds = time.perf_counter() - start
-    ray.train.report({"images_per_s": steps * cfg.optim.batch_size / seconds,
-                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+    metrics = {"images_per_s": steps * cfg.optim.batch_size / seconds, "wait_share": waited / seconds,
+               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    with tempfile.TemporaryDirectory() as directory:  # Train V2 keeps metrics with checkpoints
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory)
+                         if rank == 0 else None)
 
 
 class NodeMemory:
@@ -170,12 +184,13 @@ class NodeMemory:
         self._thread.join()
 
 
-def run_mode(cfg: ExperimentConfig, mode: str, warmup: int, steps: int) -> dict[str, float]:
+def run_mode(cfg: ExperimentConfig, mode: str, warmup: int, steps: int, feed_only: bool = False
+             ) -> dict[str, float]:
     stream = stream_datasets(cfg, table_splits(cfg)) if mode == "stream" else None
     trainer = TorchTrainer(
         train_steps,
         train_loop_config={"experiment": cfg.model_dump(mode="json"), "mode": mode,
-                           "warmup": warmup, "steps": steps,
+                           "warmup": warmup, "steps": steps, "feed_only": feed_only,
                            "stream": stream.info if stream else None},
         scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
         run_config=RunConfig(storage_path=cfg.tracking.storage_path),
@@ -214,7 +229,12 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--memory-steps", type=int, default=40)
     p.add_argument("--skip", nargs="*", default=[], choices=["throughput", "memory", "pcl"])
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    p.add_argument("--set", nargs="+", default=[], dest="overrides", metavar="KEY=VALUE",
+                   help="config overrides for every run (e.g. data.object_store_mb=128)")
     args = p.parse_args()
+    OVERRIDES.extend(args.overrides)
+    modes = tuple(args.modes)
 
     small = ensure_folder(args.data_dir, 1)
     large = ensure_folder(args.data_dir, 10) if "memory" not in args.skip else None
@@ -226,21 +246,40 @@ def main() -> None:
     headline: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         if "throughput" not in args.skip:
-            speeds: dict[str, list[float]] = {m: [] for m in MODES}
+            speeds: dict[str, list[float]] = {m: [] for m in modes}
             for repeat in range(args.repeats):
-                for mode in MODES if repeat % 2 == 0 else MODES[::-1]:
+                for mode in modes if repeat % 2 == 0 else modes[::-1]:
                     loader = "memory" if mode == "memory" else "stream"
                     out = run_mode(simclr_config(small, loader, tmp), mode, args.warmup, args.steps)
                     speeds[mode].append(out["images_per_s"])
-                    print(f"  {mode:10} {out['images_per_s']:7.1f} images/s", flush=True)
+                    print(f"  {mode:10} {out['images_per_s']:7.1f} images/s, rank 0 waited for "
+                          f"data {100 * out['wait_share']:.0f}% of the time", flush=True)
+            feeds: dict[str, list[float]] = {m: [] for m in modes}
+            for repeat in range(args.repeats):  # the data path alone: batches and views, no step
+                for mode in modes if repeat % 2 == 0 else modes[::-1]:
+                    loader = "memory" if mode == "memory" else "stream"
+                    out = run_mode(simclr_config(small, loader, tmp), mode, args.warmup,
+                                   args.steps, feed_only=True)
+                    feeds[mode].append(out["images_per_s"])
+                    print(f"  {mode:10} {out['images_per_s']:7.1f} images/s fed (no step)",
+                          flush=True)
+            feed = {m: statistics.median(v) for m, v in feeds.items()}
             med = {m: statistics.median(v) for m, v in speeds.items()}
-            print(f"\n{'mode':12}{'images/s':>10}{'vs dataloader':>15}{'vs memory':>11}")
-            for m in MODES:
-                print(f"{m:12}{med[m]:10.1f}{med[m] / med['dataloader']:15.2f}"
-                      f"{med[m] / med['memory']:11.2f}")
-            headline.update({f"{m}_images_per_s": round(med[m], 1) for m in MODES})
-            headline["stream_vs_dataloader"] = round(med["stream"] / med["dataloader"], 3)
-            headline["stream_vs_memory"] = round(med["stream"] / med["memory"], 3)
+            print(f"\n{'mode':12}{'training img/s':>16}{'vs dataloader':>15}{'vs memory':>11}"
+                  f"{'fed img/s (no step)':>21}{'vs dataloader':>15}")
+            for m in modes:
+                ratio = {b: f"{med[m] / med[b]:.2f}" if b in med else "-"
+                         for b in ("dataloader", "memory")}
+                fed = f"{feed[m] / feed['dataloader']:.2f}" if "dataloader" in feed else "-"
+                print(f"{m:12}{med[m]:16.1f}{ratio['dataloader']:>15}{ratio['memory']:>11}"
+                      f"{feed[m]:21.1f}{fed:>15}")
+            headline.update({f"{m}_images_per_s": round(med[m], 1) for m in modes})
+            headline.update({f"{m}_fed_images_per_s": round(feed[m], 1) for m in modes})
+            if "stream" in feed and "dataloader" in feed:
+                headline["stream_vs_dataloader_fed"] = round(feed["stream"] / feed["dataloader"], 3)
+            for base in ("dataloader", "memory"):
+                if "stream" in med and base in med:
+                    headline[f"stream_vs_{base}"] = round(med["stream"] / med[base], 3)
         if "memory" not in args.skip:
             rows = {}
             for label, folder, loader in (("stream 60k", small, "stream"),
