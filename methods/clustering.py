@@ -53,25 +53,115 @@ class Prototypes:
 
 def concentration(sq_distances: np.ndarray, assignments: np.ndarray, num_clusters: int,
                   temperature: float) -> np.ndarray:
-    """phi for every cluster, as PCL's official ``run_kmeans`` computes it (Li et al. 2021, eq. 12).
+    """phi for every cluster, as PCL's official ``run_kmeans`` computes it (Li et al. 2021, eq. 12),
+    from every point's squared distance ``[N]`` (faiss's ``D``) and cluster id ``[N]``."""
+    counts = np.bincount(assignments, minlength=num_clusters)
+    dist_sums = np.bincount(assignments, weights=np.sqrt(np.maximum(sq_distances, 0)),
+                            minlength=num_clusters)
+    return concentration_from_sums(dist_sums, counts, temperature)
+
+
+def concentration_from_sums(dist_sums: np.ndarray, counts: np.ndarray, temperature: float
+                            ) -> np.ndarray:
+    """phi from per-cluster sums of L2 distances ``[K]`` and point counts ``[K]``: the formula
+    needs nothing else, so shards' sums add up to the gathered result (PCL eq. 12).
 
     phi_c = mean_{z in c} ||z - c||_2 / log(|c| + 10) for clusters with more than one point; a
     cluster with at most one point gets the largest phi; then clip to the 10th..90th percentile
     and rescale so that mean(phi) equals the temperature.
-
-    Args:
-        sq_distances: squared L2 distance of every point to its centroid ``[N]`` (faiss's ``D``).
-        assignments: cluster id of every point ``[N]``.
     """
-    counts = np.bincount(assignments, minlength=num_clusters)
-    dist_sum = np.bincount(assignments, weights=np.sqrt(np.maximum(sq_distances, 0)),
-                           minlength=num_clusters)
-    phi = np.zeros(num_clusters)
+    phi = np.zeros(len(counts))
     many = counts > 1
-    phi[many] = dist_sum[many] / counts[many] / np.log(counts[many] + 10)
+    phi[many] = dist_sums[many] / counts[many] / np.log(counts[many] + 10)
     phi[~many] = phi.max()
     phi = phi.clip(np.percentile(phi, 10), np.percentile(phi, 90))
     return (temperature * phi / phi.mean()).astype(np.float32)
+
+
+# Lloyd's k-means in pieces that shard: each shard assigns its own points and sums them per
+# cluster (``shard_stats``); the sums of all shards give the update (``update_centroids``).
+SPLIT_EPS = 1 / 1024  # faiss's perturbation when it splits a cluster into an empty one
+
+
+@dataclass
+class ClusterSums:
+    """Sufficient statistics of one assignment step, additive over shards: per cluster the sum
+    of its points ``[K, D]`` (float64), their count ``[K]``, the sum of their L2 distances to the
+    centroid ``[K]`` (for phi), and the objective (sum of squared distances)."""
+
+    sums: np.ndarray
+    counts: np.ndarray
+    dist_sums: np.ndarray
+    objective: float
+
+    def __add__(self, other: ClusterSums) -> ClusterSums:
+        return ClusterSums(self.sums + other.sums, self.counts + other.counts,
+                           self.dist_sums + other.dist_sums, self.objective + other.objective)
+
+
+def assign(features: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest centroid (L2) of every row: ids ``[n]`` int64 and squared distances ``[n]``, by
+    an exact faiss search (what ``faiss.Kmeans`` does each iteration)."""
+    index = faiss.IndexFlatL2(centroids.shape[1])
+    index.add(np.ascontiguousarray(centroids, dtype=np.float32))
+    sq_dist, ids = index.search(np.ascontiguousarray(features, dtype=np.float32), 1)
+    return ids[:, 0].astype(np.int64), sq_dist[:, 0]
+
+
+def shard_sums(features: np.ndarray, centroids: np.ndarray) -> tuple[ClusterSums, np.ndarray]:
+    """This shard's ``ClusterSums`` against ``centroids`` ``[K, D]``, and its points' ids."""
+    ids, sq_dist = assign(features, centroids)
+    k = len(centroids)
+    sums = np.zeros((k, features.shape[1]))
+    np.add.at(sums, ids, features.astype(np.float64))
+    counts = np.bincount(ids, minlength=k)
+    dist_sums = np.bincount(ids, weights=np.sqrt(np.maximum(sq_dist, 0)), minlength=k)
+    return ClusterSums(sums, counts, dist_sums, float(sq_dist.astype(np.float64).sum())), ids
+
+
+def update_centroids(total: ClusterSums, previous: np.ndarray, seed: int) -> np.ndarray:
+    """The next centroids ``[K, D]`` from the sums over every shard. An empty cluster takes a
+    slightly perturbed copy of a cluster drawn with probability growing with its size, which
+    keeps both halves (faiss's ``split_clusters``); no centroid is ever NaN."""
+    counts = total.counts.astype(np.float64)
+    centroids = previous.astype(np.float64).copy()
+    full = counts > 0
+    centroids[full] = total.sums[full] / counts[full, None]
+    n, k = counts.sum(), len(counts)
+    rng = np.random.default_rng(seed)
+    sign = np.where(np.arange(centroids.shape[1]) % 2 == 0, 1.0, -1.0)
+    for empty in np.flatnonzero(counts == 0):
+        j = 0
+        while rng.random() >= (counts[j] - 1) / max(n - k, 1):  # faiss's pick, in turn
+            j = (j + 1) % k
+        centroids[empty] = centroids[j] * (1 + SPLIT_EPS * sign)
+        centroids[j] = centroids[j] * (1 - SPLIT_EPS * sign)
+        counts[empty] = counts[j] / 2
+        counts[j] -= counts[empty]
+    return centroids.astype(np.float32)
+
+
+def init_indices(num_samples: int, k: int, seed: int) -> np.ndarray:
+    """The dataset indices of the ``k`` points that start one k-means run: a seeded sample of
+    every index, so the start does not depend on how the points are sharded."""
+    return np.sort(np.random.default_rng(seed).choice(num_samples, size=k, replace=False))
+
+
+def lloyd(shards: Sequence[np.ndarray], centroids: np.ndarray, niter: int, seed: int = 0
+          ) -> tuple[np.ndarray, float]:
+    """``niter`` Lloyd iterations over ``shards`` (each ``[n_s, D]``) from ``centroids``:
+    per iteration every shard's sums, added, one update. Returns the centroids and the
+    objective of the last assignment (what faiss compares across restarts). One process runs
+    all shards here; ``orchestration.prototypes`` runs the same steps with one shard per worker."""
+    objective = float("inf")
+    for it in range(niter):
+        parts = [shard_sums(x, centroids)[0] for x in shards]
+        total = parts[0]
+        for part in parts[1:]:
+            total = total + part
+        objective = total.objective
+        centroids = update_centroids(total, centroids, seed * 1_000_003 + it)
+    return centroids, objective
 
 
 def run_kmeans(features: np.ndarray, num_clusters: Sequence[int], temperature: float = 0.2,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import faiss
 import numpy as np
 import pytest
 import torch
@@ -117,3 +118,71 @@ def test_prototypes_state_dict_round_trip(tmp_path):
         for a, b in zip(getattr(protos, name), getattr(loaded, name), strict=True):
             assert a.dtype == b.dtype
             np.testing.assert_array_equal(a, b)
+
+
+# --- the sharded Lloyd pieces (issue 36): sharding changes nothing but the order of the sums
+
+
+def _mixture(n: int, d: int = 8, centres: int = 6, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    means = rng.normal(0, 4, (centres, d))
+    return (means[rng.integers(0, centres, n)] + rng.normal(0, 1, (n, d))).astype(np.float32)
+
+
+def test_lloyd_matches_faiss_from_the_same_start():
+    from methods.clustering import init_indices, lloyd
+
+    x = _mixture(1001)
+    start = x[init_indices(len(x), 6, seed=3)]
+    ours, objective = lloyd([x], start, niter=10)
+    clus = faiss.Clustering(x.shape[1], 6)
+    clus.niter, clus.max_points_per_centroid = 10, 10**6
+    faiss.copy_array_to_vector(start.ravel(), clus.centroids)
+    clus.train(x, faiss.IndexFlatL2(x.shape[1]))
+    theirs = faiss.vector_to_array(clus.centroids).reshape(6, -1)
+    np.testing.assert_allclose(ours, theirs, atol=1e-4)
+    last = clus.iteration_stats.at(clus.iteration_stats.size() - 1).obj
+    assert objective == pytest.approx(last, rel=1e-4)
+
+
+@pytest.mark.parametrize("shards", [2, 3])
+def test_sharded_lloyd_equals_one_shard_even_with_an_empty_cluster(shards):
+    from methods.clustering import assign, lloyd
+
+    x = _mixture(1001)  # not divisible by 2 or 3
+    start = np.concatenate([x[:5], np.full((1, x.shape[1]), 1e3, np.float32)])  # one far away
+    one, obj_one = lloyd([x], start, niter=8, seed=1)
+    many, obj_many = lloyd(np.array_split(x, shards), start, niter=8, seed=1)
+    assert np.isfinite(many).all()
+    np.testing.assert_allclose(many, one, atol=1e-5)
+    assert obj_many == pytest.approx(obj_one, rel=1e-9)
+    np.testing.assert_array_equal(assign(x, many)[0], assign(x, one)[0])
+    assert len(np.unique(assign(x, many)[0])) == 6  # the empty cluster was re-seeded and used
+
+
+def test_phi_from_sharded_sums_equals_phi_from_the_gathered_points():
+    from methods.clustering import assign, concentration, concentration_from_sums, shard_sums
+
+    x = _mixture(1001)
+    centroids = x[:40]
+    ids, sq_dist = assign(x, centroids)
+    gathered = concentration(sq_dist, ids, 40, temperature=0.2)
+    parts = [shard_sums(part, centroids)[0] for part in np.array_split(x, 3)]
+    total = parts[0] + parts[1] + parts[2]
+    sharded = concentration_from_sums(total.dist_sums, total.counts, 0.2)
+    np.testing.assert_allclose(sharded, gathered, atol=1e-6)
+
+
+def test_an_empty_cluster_splits_a_large_one_and_never_goes_nan():
+    from methods.clustering import ClusterSums, update_centroids
+
+    previous = np.array([[1.0, 1.0], [5.0, 5.0], [9.0, 9.0]], np.float32)
+    total = ClusterSums(np.array([[10.0, 10.0], [0.0, 0.0], [2.0, 2.0]]), np.array([10, 0, 2]),
+                        np.zeros(3), 0.0)
+    new = update_centroids(total, previous, seed=0)
+    assert np.isfinite(new).all()
+    eps = 1 / 1024
+    # the empty cluster 1 is a perturbed copy of the cluster it split, which moved the other way
+    donor = 0 if np.allclose(new[1], [1 + eps, 1 - eps]) else 2
+    assert np.allclose(new[1], new[donor] * (1 + eps * np.array([1, -1])) /
+                       (1 - eps * np.array([1, -1])), rtol=1e-6)
