@@ -20,6 +20,7 @@ from methods.training import all_ranks, encode, epoch_batches, memory_batches
 from orchestration.builders import KNN_BANK_SIZE, Splits
 
 ENCODE_BATCH = 1024  # images per forward pass of the E-step's encoding
+SHUFFLE_BUFFER_BATCHES = 4  # a streamed epoch mixes rows over this many batches' worth
 
 
 class MemoryShard:
@@ -74,18 +75,21 @@ class StreamShard:
         self.skipped = 0
         self._knn: tuple[ImageDataset, ImageDataset] | None = None
 
-    def _stream(self, batch_size: int) -> Iterator[Batch]:
+    def _stream(self, batch_size: int, shuffle: bool = False) -> Iterator[Batch]:
         """Every decoded image of the shard once, in batches (the last one partial); counts the
-        images that did not arrive in ``skipped`` once the pass is complete."""
+        images that did not arrive in ``skipped`` once the pass is complete. ``shuffle`` mixes
+        the rows of neighbouring blocks (``SHUFFLE_BUFFER_BATCHES`` batches' worth)."""
         seen = 0
+        buffer = SHUFFLE_BUFFER_BATCHES * batch_size if shuffle else None
         for b in self.iterator.iter_torch_batches(batch_size=batch_size, drop_last=False,
-                                                  prefetch_batches=self.prefetch, device="cpu"):
+                                                  prefetch_batches=self.prefetch, device="cpu",
+                                                  local_shuffle_buffer_size=buffer):
             seen += len(b["index"])
             yield Batch(b["index"], b["image"], b["label"])
         self.skipped = self.listed - seen
 
     def batches(self, epoch: int) -> Iterator[Batch]:
-        stream = self._stream(self.batch_size)
+        stream = self._stream(self.batch_size, shuffle=True)
         for _ in range(self.steps):
             batch = next(stream, None)
             if not all_ranks(batch is not None and len(batch.indices) == self.batch_size):

@@ -119,12 +119,17 @@ def test_ray_data_pipeline_decodes_every_image_once(ray_cluster, image_folder):
     from orchestration.streaming import decoded
 
     table = list_image_folder(image_folder / "train")
-    rows = decoded(table, 20, 1, shuffle=True).take_all()
+    ds = decoded(table, 20, 1, shuffle=True)
+    rows = ds.take_all()
     order = np.argsort([r["index"] for r in rows])
     expected = decode_table(table, 20, 1)
     assert expected.skipped == 2 and len(rows) == IMAGES
     np.testing.assert_array_equal(np.stack([rows[i]["image"] for i in order]),
                                   expected.images.numpy())
+    # every pass visits the images in a new order (the units are not in class order either)
+    again = [r["index"] for r in ds.take_all()]
+    assert sorted(again) == sorted(r["index"] for r in rows)
+    assert again != [r["index"] for r in rows] and again != sorted(again)
 
 
 def _metric(summary, key: str) -> dict[int, float]:
