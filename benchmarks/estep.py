@@ -57,12 +57,12 @@ def through_actor(service, features: np.ndarray, epoch: int, workers: int) -> tu
     shards = [np.arange(len(features))[r::workers] for r in range(workers)]
 
     def rank(r: int) -> float:
-        refs = [ray.put(shards[r]), ray.put(features[shards[r]])]
+        payload = [ray.put(shards[r]), ray.put(features[shards[r]]), len(features)]
         start = time.perf_counter()
-        ray.get(service.submit.remote(epoch, r, refs, len(features)))
+        ray.get(service.contribute.remote(("gather", epoch), r, payload))
         answer = None
         while answer is None:  # the real workers meet in a barrier; here the last submit wins
-            answer = ray.get(service.prototypes.remote(epoch, r))
+            answer = ray.get(service.outcome.remote(("gather", epoch), r))
             if answer is None:
                 time.sleep(0.005)
         ray.get(answer[0])

@@ -23,7 +23,11 @@ class Prototypes:
     density: list[np.ndarray]
     assignments: list[np.ndarray]
     epoch: int = -1
+    # the sorted dataset indices ``assignments`` cover, where they cover one rank's images only
+    # (the sharded E-step); None: ``assignments[i]`` is image i's cluster
+    indices: np.ndarray | None = None
     seconds: float = field(default=0.0, compare=False)
+    encoded: int = field(default=0, compare=False)  # images clustered
 
     @property
     def num_clusters(self) -> list[int]:
@@ -31,24 +35,47 @@ class Prototypes:
 
     def state_dict(self) -> dict[str, list[torch.Tensor] | int]:
         """Tensors only, so a checkpoint holding it loads with ``torch.load(weights_only=True)``."""
-        return {
+        state = {
             "centroids": [torch.tensor(c) for c in self.centroids],  # copies: Ray's arrays are read-only
             "density": [torch.tensor(d) for d in self.density],
             "assignments": [torch.tensor(a) for a in self.assignments],
             "epoch": self.epoch,
         }
+        if self.indices is not None:
+            state["indices"] = torch.tensor(self.indices)
+        return state
 
     def on_device(self, device: torch.device | str) -> list[tuple[torch.Tensor, ...]]:
-        """(centroids, density, assignments) per granularity as tensors, copied (arrays from
-        Ray's object store are read-only)."""
-        return [(torch.tensor(c, device=device), torch.tensor(d, device=device),
-                 torch.tensor(a, device=device))
-                for c, d, a in zip(self.centroids, self.density, self.assignments, strict=True)]
+        """(centroids, density, assignments) per granularity on ``device``, copied (arrays from
+        Ray's object store are read-only); ``assignments[batch_indices]`` gives the clusters."""
+        indices = None if self.indices is None else torch.tensor(self.indices, device=device)
+        out = []
+        for c, d, a in zip(self.centroids, self.density, self.assignments, strict=True):
+            ids = torch.tensor(a, device=device)
+            out.append((torch.tensor(c, device=device), torch.tensor(d, device=device),
+                        ids if indices is None else ShardAssignments(indices, ids)))
+        return out
 
     @classmethod
     def from_state_dict(cls, state: dict) -> Prototypes:
+        indices = state.get("indices")
         return cls([c.numpy() for c in state["centroids"]], [d.numpy() for d in state["density"]],
-                   [a.numpy() for a in state["assignments"]], int(state["epoch"]))
+                   [a.numpy() for a in state["assignments"]], int(state["epoch"]),
+                   None if indices is None else indices.numpy())
+
+
+class ShardAssignments:
+    """Cluster ids of one rank's images, looked up by dataset index: ``self[batch_indices]``
+    for indices in ``indices`` (sorted ``[n]``), so a rank never holds an array over all N."""
+
+    def __init__(self, indices: torch.Tensor, ids: torch.Tensor):
+        self.indices, self.ids = indices, ids
+
+    def __getitem__(self, query: torch.Tensor) -> torch.Tensor:
+        position = torch.searchsorted(self.indices, query).clamp(max=len(self.indices) - 1)
+        if not bool((self.indices[position] == query).all()):
+            raise IndexError("an image outside this rank's shard has no cluster here")
+        return self.ids[position]
 
 
 def concentration(sq_distances: np.ndarray, assignments: np.ndarray, num_clusters: int,
@@ -139,6 +166,27 @@ def update_centroids(total: ClusterSums, previous: np.ndarray, seed: int) -> np.
         counts[empty] = counts[j] / 2
         counts[j] -= counts[empty]
     return centroids.astype(np.float32)
+
+
+MAX_POINTS_PER_CENTROID = 1000  # PCL's faiss setting: k-means trains on at most 1000 K points
+
+
+def training_mask(indices: np.ndarray, num_samples: int, k: int, seed: int,
+                  max_points_per_centroid: int = MAX_POINTS_PER_CENTROID) -> np.ndarray:
+    """Which of ``indices`` (a shard's dataset indices) k-means trains on: each index with the
+    same seeded probability ``max_points_per_centroid * k / num_samples`` (capped at 1), decided
+    by a hash of the index, so the sample is the same however the indices are sharded (faiss
+    subsamples the same way, to about that many points, before its iterations)."""
+    fraction = min(1.0, max_points_per_centroid * k / num_samples)
+    if fraction >= 1.0:
+        return np.ones(len(indices), dtype=bool)
+    # splitmix64 of (index, seed): uniform bits from an integer, without holding all N
+    z = indices.astype(np.uint64) + np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)
+    with np.errstate(over="ignore"):
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) / 2.0**53 < fraction
 
 
 def init_indices(num_samples: int, k: int, seed: int) -> np.ndarray:

@@ -210,6 +210,10 @@ class ClusteringSection(Section):
     niter: int = Field(20, ge=1)
     nredo: int = Field(5, ge=1, description="k-means restarts (PCL's official value is 5)")
     cpus: float = Field(1, gt=0, description="CPUs reserved for the prototype actor")
+    strategy: Literal["auto", "gather", "sharded"] = Field(
+        "auto", description="gather: the actor runs faiss on every worker's features; sharded: "
+        "Lloyd rounds with the features staying on their workers; auto: gather up to 1 GiB of "
+        "features (orchestration.prototypes.GATHER_LIMIT_BYTES)")
 
     @field_validator("num_clusters")
     @classmethod

@@ -1,11 +1,21 @@
-"""The clustering E-step as a Ray actor beside the training workers.
+"""The clustering E-step, coordinated by a Ray actor beside the training workers.
 
-Each worker encodes its own shard and ``submit``s (indices, features) as object refs; once every
-rank has submitted, the first ``prototypes`` call runs ``methods.clustering.run_kmeans`` on the
-assembled matrix, puts the result in the object store once, and every rank gets that same ref.
-The actor is synchronous (one call at a time), so no call ever waits for another rank: waiting
-happens in the workers' barrier. If the actor restarts it has lost the shards; ``prototypes``
-then returns None and the workers submit again.
+The actor runs *rounds*: every rank ``contribute``s a payload under the round's key, the ranks
+meet in a barrier, and the first ``outcome`` call after the last contribution reduces the
+payloads, puts the result in the object store once and hands every rank that one ref. The actor
+is synchronous (one call at a time), so no call ever waits for another rank; waiting happens in
+the workers' barrier. The actor keeps nothing between rounds that a round needs: if it restarts,
+``outcome`` returns None and the workers contribute again (``exchange``).
+
+Two strategies (``clustering.strategy``):
+- gather: one round; each rank sends (indices, features) and the actor runs
+  ``methods.clustering.run_kmeans`` on the assembled matrix (faiss, one process).
+- sharded: Lloyd's k-means with the features staying on their workers. Per granularity and
+  restart: an init round (the rows of a seeded sample of indices, from whichever rank holds
+  them), ``niter`` rounds in which every rank sends its ``ClusterSums`` against the current
+  centroids and the actor sums them and updates (``update_centroids``), then a final round whose
+  summed distances give phi. The actor holds K x D numbers per round, never N x D; each rank
+  keeps the cluster ids of its own images only.
 """
 
 from __future__ import annotations
@@ -13,11 +23,32 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from collections.abc import Callable
 
 import numpy as np
 import ray
 
-from methods.clustering import Prototypes, run_kmeans
+from methods.clustering import (
+    MAX_POINTS_PER_CENTROID,
+    Prototypes,
+    concentration_from_sums,
+    init_indices,
+    run_kmeans,
+    shard_sums,
+    training_mask,
+    update_centroids,
+)
+
+# clustering.strategy: auto gathers the features when they take at most this many bytes
+GATHER_LIMIT_BYTES = 2**30
+
+
+def choose_strategy(strategy: str, num_samples: int, dim: int) -> str:
+    """``gather`` or ``sharded``; ``auto`` gathers up to ``GATHER_LIMIT_BYTES`` of float32
+    features, where one faiss process is faster than the rounds' synchronisation."""
+    if strategy != "auto":
+        return strategy
+    return "gather" if num_samples * dim * 4 <= GATHER_LIMIT_BYTES else "sharded"
 
 
 @ray.remote(max_restarts=3, max_task_retries=3)
@@ -25,72 +56,50 @@ class PrototypeService:
     def __init__(self, world_size: int, num_clusters: list[int], temperature: float, seed: int,
                  niter: int = 20, nredo: int = 1, faults: dict | None = None):
         self.world_size = world_size
-        self.num_samples = 0  # the training set's size, as the workers submit it
         self.num_clusters = list(num_clusters)
         self.temperature = temperature
         self.seed = seed
         self.niter, self.nredo = niter, nredo
-        self.shards: dict[int, dict[int, list]] = {}  # epoch -> rank -> [indices_ref, features_ref]
-        self.results: dict[int, ray.ObjectRef] = {}  # epoch -> ref of Prototypes
-        self.log: dict[int, dict] = {}  # epoch -> {"ref", "ranks", "seconds"} for tests and MLflow
+        self.payloads: dict[tuple, dict[int, object]] = {}  # round key -> rank -> payload
+        self.outcomes: dict[tuple, ray.ObjectRef] = {}  # round key -> ref of its result
+        self.log: dict[int, dict] = {}  # epoch -> {"ref", "ranks", "seconds", ...}
         self.faults = faults or {}
 
-    def submit(self, epoch: int, rank: int, refs: list, num_samples: int) -> None:
-        """Keep this rank's shard refs (passed inside a list so Ray does not resolve them) and
-        the training set's size (indices run from 0 to ``num_samples - 1``)."""
-        self.shards.setdefault(epoch, {})[rank] = refs
-        self.num_samples = num_samples
+    def contribute(self, key: tuple, rank: int, payload) -> None:
+        """Keep this rank's payload for round ``key`` (``(kind, epoch, ...)``)."""
+        self.payloads.setdefault(key, {})[rank] = payload
 
-    def prototypes(self, epoch: int, rank: int) -> list | None:
-        """``[ref]`` to this epoch's Prototypes, computed on the first call; None if shards are
-        missing (after a restart). Idempotent: a retried call returns the same ref."""
-        if epoch not in self.results:
-            shards = self.shards.get(epoch, {})
-            if len(shards) < self.world_size:
+    def outcome(self, key: tuple, rank: int) -> list | None:
+        """``[ref]`` to round ``key``'s result, computed on the first call once every rank has
+        contributed; None while payloads are missing (after a restart). Idempotent."""
+        if key not in self.outcomes:
+            parts = self.payloads.get(key, {})
+            if len(parts) < self.world_size:
                 return None
-            present, features = self._assemble([ray.get(shards[r]) for r in range(self.world_size)])
-            self._inject_death(epoch)
+            epoch = key[1]
+            if key[0] in ("gather", "init") and epoch not in self.log:
+                self._inject_death(epoch)
+                self.log[epoch] = {"ranks": [], "seconds": 0.0, "rounds": 0}
             start = time.perf_counter()
-            found = run_kmeans(features, self.num_clusters, self.temperature,
-                               self.seed + epoch, self.niter, self.nredo)
-            found.assignments = [self._expand(present, a) for a in found.assignments]
-            found.epoch = epoch
-            self.results[epoch] = ray.put(found)
-            self.log[epoch] = {"ref": self.results[epoch].hex(), "ranks": [],
-                               "seconds": time.perf_counter() - start,
-                               "encoded": len(present)}
-            self.shards.pop(epoch, None)
-            self.results = {e: r for e, r in self.results.items() if e >= epoch - 1}
-        self.log[epoch]["ranks"].append(rank)
-        return [self.results[epoch]]
-
-    def _assemble(self, parts: list) -> tuple[np.ndarray, np.ndarray]:
-        """(indices [n], features [n, D]) of every image the ranks encoded, in index order.
-        Images that could not be decoded are absent (n < ``num_samples``); an index out of
-        range or sent twice raises ``ValueError``."""
-        seen = np.zeros(self.num_samples, dtype=np.int64)
-        for idx, _ in parts:
-            if len(idx) and (idx.min() < 0 or idx.max() >= self.num_samples):
-                raise ValueError(f"worker shards hold indices outside 0..{self.num_samples - 1}")
-            np.add.at(seen, idx, 1)
-        if (seen > 1).any():
-            raise ValueError(f"worker shards encoded {int((seen > 1).sum())} images twice")
-        present = np.flatnonzero(seen)
-        # scatter every shard's rows straight to their place: one copy of the matrix
-        position = np.cumsum(seen) - 1
-        features = np.empty((len(present), parts[0][1].shape[1]), dtype=np.float32)
-        for idx, feat in parts:
-            features[position[idx]] = feat
-        return present, features
-
-    def _expand(self, present: np.ndarray, assignments: np.ndarray) -> np.ndarray:
-        """Cluster ids for every index; -1 for images that were not encoded (never trained on)."""
-        full = np.full(self.num_samples, -1, dtype=np.int64)
-        full[present] = assignments
-        return full
+            result = reduce_round(key, [parts[r] for r in range(self.world_size)],
+                                  self.num_clusters, self.temperature, self.seed, self.niter,
+                                  self.nredo)
+            self.outcomes[key] = ray.put(result)
+            self.payloads.pop(key)
+            entry = self.log[epoch]
+            entry["seconds"] += time.perf_counter() - start
+            entry["rounds"] += 1
+            if key[0] in ("gather", "final"):  # the epoch's answer: what tests and MLflow see
+                encoded = result.encoded if key[0] == "gather" else result[2]
+                entry.update(ref=self.outcomes[key].hex(), encoded=encoded)
+            # rounds of earlier epochs are done: keep only the newest epoch's
+            self.outcomes = {k: r for k, r in self.outcomes.items() if k[1] >= epoch}
+        if key[0] in ("gather", "final") and rank not in self.log[key[1]]["ranks"]:
+            self.log[key[1]]["ranks"].append(rank)
+        return [self.outcomes[key]]
 
     def _inject_death(self, epoch: int) -> None:
-        """Test hook: die once in the middle of ``faults["kill_actor_epoch"]``'s E-step."""
+        """Test hook: die once at the start of ``faults["kill_actor_epoch"]``'s E-step."""
         from pathlib import Path
 
         if self.faults.get("kill_actor_epoch") == epoch:
@@ -106,23 +115,133 @@ class PrototypeService:
         return os.getpid()
 
 
-def fetch_prototypes(service, epoch: int, rank: int, refs: list, num_samples: int, barrier,
-                     all_ok) -> Prototypes:
-    """Submit this rank's shard, wait for every rank, fetch the shared Prototypes.
+def reduce_round(key: tuple, parts: list, num_clusters: list[int], temperature: float,
+                 seed: int, niter: int, nredo: int):
+    """The result of round ``key`` from every rank's payload (``parts[r]`` from rank r).
 
-    ``barrier()`` synchronises the ranks; ``all_ok(flag)`` is True only if every rank's flag is.
-    Retries while the actor has restarted and lost shards.
+    gather: [indices_ref, features_ref, num_samples] -> Prototypes (faiss in this process).
+    init: (positions in the seeded sample, their rows) -> the starting centroids ``[K, D]``.
+    iter: (ClusterSums, centroids) -> (next centroids, this assignment's objective).
+    final: (ClusterSums, centroids) -> (unit centroids, phi, images clustered).
     """
-    for _ in range(10):
-        found = None
-        with contextlib.suppress(ray.exceptions.RayError):  # restarting: the next round resubmits
-            ray.get(service.submit.remote(epoch, rank, refs, num_samples))
-        barrier()
-        try:
-            answer = ray.get(service.prototypes.remote(epoch, rank))
-            found = ray.get(answer[0]) if answer else None
-        except ray.exceptions.RayError:
+    kind = key[0]
+    if kind == "gather":
+        num_samples = parts[0][2]
+        present, features = assemble([ray.get(p[:2]) for p in parts], num_samples)
+        found = run_kmeans(features, num_clusters, temperature, seed + key[1], niter, nredo)
+        found.assignments = [expand(present, a, num_samples) for a in found.assignments]
+        found.epoch, found.encoded = key[1], len(present)
+        return found
+    if kind == "init":
+        k = sum(len(positions) for positions, _ in parts)
+        centroids = np.empty((k, parts[0][1].shape[1]), dtype=np.float32)
+        for positions, rows in parts:
+            centroids[positions] = rows
+        return centroids
+    total = sum((sums for sums, _ in parts[1:]), parts[0][0])
+    if kind == "iter":
+        split_seed = int(np.random.SeedSequence([seed, *key[1:]]).generate_state(1)[0])
+        return update_centroids(total, parts[0][1], split_seed), total.objective
+    # final: phi from the summed distances; centroids L2-normalised, as PCL's
+    centroids = parts[0][1]
+    unit = centroids / np.linalg.norm(centroids, axis=1, keepdims=True).clip(1e-12)
+    return (unit.astype(np.float32),
+            concentration_from_sums(total.dist_sums, total.counts, temperature),
+            int(total.counts.sum()))
+
+
+def assemble(parts: list, num_samples: int) -> tuple[np.ndarray, np.ndarray]:
+    """(indices [n], features [n, D]) of every image the ranks encoded, in index order. Images
+    that could not be decoded are absent (n < ``num_samples``); an index out of range or sent
+    twice raises ``ValueError``."""
+    seen = np.zeros(num_samples, dtype=np.int64)
+    for idx, _ in parts:
+        if len(idx) and (idx.min() < 0 or idx.max() >= num_samples):
+            raise ValueError(f"worker shards hold indices outside 0..{num_samples - 1}")
+        np.add.at(seen, idx, 1)
+    if (seen > 1).any():
+        raise ValueError(f"worker shards encoded {int((seen > 1).sum())} images twice")
+    present = np.flatnonzero(seen)
+    # scatter every shard's rows straight to their place: one copy of the matrix
+    position = np.cumsum(seen) - 1
+    features = np.empty((len(present), parts[0][1].shape[1]), dtype=np.float32)
+    for idx, feat in parts:
+        features[position[idx]] = feat
+    return present, features
+
+
+def expand(present: np.ndarray, assignments: np.ndarray, num_samples: int) -> np.ndarray:
+    """Cluster ids for every index; -1 for images that were not encoded (never trained on)."""
+    full = np.full(num_samples, -1, dtype=np.int64)
+    full[present] = assignments
+    return full
+
+
+Exchange = Callable[[tuple, object], object]
+
+
+def exchange_with(service, rank: int, barrier: Callable[[], None],
+                  all_ok: Callable[[bool], bool]) -> Exchange:
+    """``exchange(key, payload)``: contribute to round ``key``, wait for every rank, return the
+    round's result (the same object on every rank). ``barrier()`` synchronises the ranks;
+    ``all_ok(flag)`` is True only if every rank's flag is. Contributes again while the actor has
+    restarted and lost the round's payloads."""
+
+    def exchange(key: tuple, payload):
+        for _ in range(10):
             found = None
-        if all_ok(found is not None):
-            return found
-    raise RuntimeError(f"the prototype actor lost the shards of epoch {epoch} ten times")
+            with contextlib.suppress(ray.exceptions.RayError):  # restarting: the next try resends
+                ray.get(service.contribute.remote(key, rank, payload))
+            barrier()
+            try:
+                answer = ray.get(service.outcome.remote(key, rank))
+                found = ray.get(answer[0]) if answer else None
+            except ray.exceptions.RayError:
+                found = None
+            if all_ok(found is not None):
+                return found
+        raise RuntimeError(f"the prototype actor lost round {key} ten times")
+
+    return exchange
+
+
+def gathered_prototypes(exchange: Exchange, epoch: int, indices: np.ndarray,
+                        features: np.ndarray, num_samples: int) -> Prototypes:
+    """The gather strategy: this rank's (indices, features) go to the actor as object refs."""
+    return exchange(("gather", epoch), [ray.put(indices), ray.put(features), num_samples])
+
+
+def sharded_prototypes(exchange: Exchange, epoch: int, indices: np.ndarray,
+                       features: np.ndarray, num_samples: int, num_clusters: list[int],
+                       seed: int, niter: int, nredo: int) -> Prototypes:
+    """The sharded strategy, run identically on every rank: k-means over every rank's features
+    with only K x D numbers exchanged per round. Like faiss, the iterations see a seeded sample
+    of at most ``MAX_POINTS_PER_CENTROID`` K points (``training_mask``) and restarts keep the
+    lowest objective. Returns Prototypes whose assignments cover this rank's ``indices`` only."""
+    start = time.perf_counter()
+    order = np.argsort(indices)
+    indices, features = indices[order], features[order]
+    centroids_out, density, own, encoded = [], [], [], 0
+    for i, k in enumerate(num_clusters):
+        run_seed = seed + epoch * 1009 + i * 101
+        # like faiss: iterate on a sample of at most 1000 K points, then assign every point
+        sample = features[training_mask(indices, num_samples, k, run_seed, MAX_POINTS_PER_CENTROID)]
+        best, best_objective = None, float("inf")
+        for redo in range(nredo):
+            chosen = init_indices(num_samples, k, run_seed + redo)
+            mine = np.flatnonzero(np.isin(chosen, indices))
+            rows = features[np.searchsorted(indices, chosen[mine])]
+            centroids = exchange(("init", epoch, i, redo), (mine, rows))
+            objective = float("inf")
+            for it in range(niter):
+                sums, _ = shard_sums(sample, centroids)
+                centroids, objective = exchange(("iter", epoch, i, redo, it), (sums, centroids))
+            if objective < best_objective:
+                best, best_objective = centroids, objective
+        sums, ids = shard_sums(features, best)
+        unit, phi, encoded = exchange(("final", epoch, i), (sums, best))
+        centroids_out.append(unit)
+        density.append(phi)
+        own.append(ids)
+    return Prototypes(centroids_out, density, own, epoch=epoch, indices=indices,
+                      seconds=time.perf_counter() - start, encoded=encoded)

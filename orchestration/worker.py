@@ -36,7 +36,12 @@ from orchestration.checkpoints import (
     save_state,
 )
 from orchestration.config import ExperimentConfig
-from orchestration.prototypes import fetch_prototypes
+from orchestration.prototypes import (
+    choose_strategy,
+    exchange_with,
+    gathered_prototypes,
+    sharded_prototypes,
+)
 from orchestration.shards import MemoryShard, StreamShard
 
 
@@ -103,15 +108,21 @@ def train_loop(config: dict) -> None:
         start = time.perf_counter()
         metrics: dict[str, float] = {"epoch": epoch}
 
-        # --- E-step: cluster every rank's features in the actor, receive the same prototypes
+        # --- E-step: every rank encodes its shard; the actor coordinates the clustering
+        # (clustering.strategy); every rank receives the same centroids and phi
         clustered = method.uses_prototypes(epoch)
         if clustered:
             broadcast_batchnorm_stats(method)  # every shard encoded with rank 0's statistics
             indices, features = shard.encode(method.cluster_embed, method, device, o.precision)
-            refs = [ray.put(indices), ray.put(features)]
             waited = time.perf_counter()
-            prototypes = fetch_prototypes(service, epoch, rank, refs, shard.num_images, _barrier,
-                                          all_ranks)
+            exchange = exchange_with(service, rank, _barrier, all_ranks)
+            c, n = cfg.clustering, shard.num_images
+            if choose_strategy(c.strategy, n, features.shape[1]) == "gather":
+                prototypes = gathered_prototypes(exchange, epoch, indices, features, n)
+            else:  # the features stay here; only K x D sums travel, round by round
+                prototypes = sharded_prototypes(exchange, epoch, indices, features, n,
+                                                c.num_clusters, cfg.seed, c.niter, c.nredo)
+            del features
             metrics["estep_s"] = time.perf_counter() - start
             metrics["estep_wait_s"] = time.perf_counter() - waited
             metrics["kmeans_s"] = prototypes.seconds

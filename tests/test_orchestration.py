@@ -78,10 +78,13 @@ def test_killed_worker_resumes_from_checkpoint(ray_cluster, tiny_config, tmp_pat
     assert torch.load(Path(summary.checkpoint) / "state.pt", weights_only=True)["epoch"] == 2
 
 
-def test_prototype_actor_killed_during_estep(ray_cluster, tiny_config, tmp_path):
-    summary = train(tiny_config(), evaluate=False,
+@pytest.mark.parametrize("strategy", ["gather", "sharded"])
+def test_prototype_actor_killed_during_estep(ray_cluster, tiny_config, tmp_path, strategy):
+    summary = train(tiny_config(f"clustering.strategy={strategy}"), evaluate=False,
                     faults={"kill_actor_epoch": 1, "marker_dir": str(tmp_path)})
     assert (tmp_path / "actor_killed").exists()
+    # both ranks took the same final round's result: the same prototypes on every worker
+    assert summary.estep_log[1]["ref"] and summary.estep_log[2]["encoded"] == 1347 - 200
     # the restarted actor lost its state, the workers resubmitted, epoch 1's E-step was redone
     assert 1 in summary.estep_log and sorted(summary.estep_log[1]["ranks"]) == [0, 1]
     assert [s for s, _ in _history(summary, "loss_proto")] == [1, 2]
