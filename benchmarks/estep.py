@@ -94,7 +94,7 @@ def estep_worker(config: dict) -> None:
     if config["strategy"] == "gather":
         gathered_prototypes(exchange, 0, indices, features, n)
     else:
-        sharded_prototypes(exchange, 0, indices, features, n, [k], 0, 20, 1)
+        sharded_prototypes(exchange, 0, rank, indices, features, n, [k], 0, 20, 1)
     dist.barrier()
     metrics = {"estep_s": time.perf_counter() - start,
                "worker_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
@@ -168,7 +168,7 @@ def ami_check(features: np.ndarray, labels: np.ndarray, seeds: int = 5) -> tuple
                 return results[key]
 
             idx = np.arange(r, len(features), 2)
-            out[r] = sharded_prototypes(exchange, 0, idx, features[idx], len(features), [10],
+            out[r] = sharded_prototypes(exchange, 0, r, idx, features[idx], len(features), [10],
                                         seed, 20, 1)
 
         threads = [threading.Thread(target=rank, args=(r,)) for r in range(2)]

@@ -121,8 +121,9 @@ def reduce_round(key: tuple, parts: list, num_clusters: list[int], temperature: 
 
     gather: [indices_ref, features_ref, num_samples] -> Prototypes (faiss in this process).
     init: (positions in the seeded sample, their rows) -> the starting centroids ``[K, D]``.
-    iter: (ClusterSums, centroids) -> (next centroids, this assignment's objective).
-    final: (ClusterSums, centroids) -> (unit centroids, phi, images clustered).
+    iter: (ClusterSums, centroids from rank 0, None from the others) -> (next centroids, this
+    assignment's objective).
+    final: the same payloads -> (unit centroids, phi, images clustered).
     """
     kind = key[0]
     if kind == "gather":
@@ -211,7 +212,7 @@ def gathered_prototypes(exchange: Exchange, epoch: int, indices: np.ndarray,
     return exchange(("gather", epoch), [ray.put(indices), ray.put(features), num_samples])
 
 
-def sharded_prototypes(exchange: Exchange, epoch: int, indices: np.ndarray,
+def sharded_prototypes(exchange: Exchange, epoch: int, rank: int, indices: np.ndarray,
                        features: np.ndarray, num_samples: int, num_clusters: list[int],
                        seed: int, niter: int, nredo: int) -> Prototypes:
     """The sharded strategy, run identically on every rank: k-means over every rank's features
@@ -235,11 +236,13 @@ def sharded_prototypes(exchange: Exchange, epoch: int, indices: np.ndarray,
             objective = float("inf")
             for it in range(niter):
                 sums, _ = shard_sums(sample, centroids)
-                centroids, objective = exchange(("iter", epoch, i, redo, it), (sums, centroids))
+                # the centroids every rank holds travel once, from rank 0
+                lead = centroids if rank == 0 else None
+                centroids, objective = exchange(("iter", epoch, i, redo, it), (sums, lead))
             if objective < best_objective:
                 best, best_objective = centroids, objective
         sums, ids = shard_sums(features, best)
-        unit, phi, encoded = exchange(("final", epoch, i), (sums, best))
+        unit, phi, encoded = exchange(("final", epoch, i), (sums, best if rank == 0 else None))
         centroids_out.append(unit)
         density.append(phi)
         own.append(ids)

@@ -41,7 +41,7 @@ def run_ranks(x: np.ndarray, world: int) -> list:
             return results[key]
 
         indices = np.arange(r, len(x), world)
-        out[r] = sharded_prototypes(exchange, 0, indices, x[indices], len(x), NUM_CLUSTERS,
+        out[r] = sharded_prototypes(exchange, 0, r, indices, x[indices], len(x), NUM_CLUSTERS,
                                     SEED, NITER, NREDO)
 
     threads = [threading.Thread(target=rank, args=(r,)) for r in range(world)]
