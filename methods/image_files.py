@@ -268,7 +268,7 @@ def write_image_folder(images: np.ndarray, labels: np.ndarray, classes: tuple[st
 
 
 def write_parquet(images: np.ndarray, labels: np.ndarray, out: str | Path, size: int | None = None,
-                  rgb: bool = False, rows_per_group: int = 500, files: int = 1) -> Path:
+                  rgb: bool = False, rows_per_group: int = 100, files: int = 1) -> Path:
     """Write uint8 ``images`` [N, C, H, W] as PNG bytes in an ``image`` column with an int64
     ``label`` column: ``files`` parquet files under the folder ``out``. Returns ``out``."""
     import pyarrow as pa

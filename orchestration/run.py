@@ -109,9 +109,23 @@ def cpus_per_run(cfg: ExperimentConfig) -> float:
 
 def check_source(cfg: ExperimentConfig) -> TableSplits | None:
     """Before Ray starts: the training data exists and, for an image folder or parquet source,
-    lists cleanly (one line naming the file otherwise). Returns that listing."""
+    lists cleanly (one line naming the file otherwise) and, streamed, gives every worker a shard
+    of at least one batch. Returns that listing."""
     check_dataset(cfg.data.name, cfg.data.root)
-    return table_splits(cfg) if cfg.data.name in STREAMED else None
+    if cfg.data.name not in STREAMED:
+        return None
+    tables = table_splits(cfg)
+    world = cfg.scaling.num_workers
+    per_rank = cfg.optim.batch_size // world
+    smallest = min(len(tables.train.shard(r, world)) for r in range(world))
+    if tables.streams and smallest < per_rank:
+        what = ("its row groups (rewrite the files with smaller ones: pyarrow's row_group_size)"
+                if cfg.data.name == "parquet" else "its images")
+        raise ConfigError(f"data.root: streamed, each of the {world} workers reads whole units of "
+                          f"{tables.train.root}, {what}, and the smallest share holds {smallest} "
+                          f"images, less than a per-worker batch of {per_rank}; or set fewer "
+                          "scaling.num_workers, a smaller optim.batch_size, or data.loader: memory")
+    return tables
 
 
 def train(cfg: ExperimentConfig, address: str | None = None, evaluate: bool = True,

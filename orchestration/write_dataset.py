@@ -23,7 +23,7 @@ IMAGES_PER_PARQUET_FILE = 50_000
 
 def write_dataset(name: str, out: str | Path, fmt: str = "image_folder", size: int | None = None,
                   rgb: bool = False, repeat: int = 1, limit: int | None = None,
-                  rows_per_group: int = 500) -> Path:
+                  rows_per_group: int = 100) -> Path:
     """Write the ``train`` (``repeat`` times) and ``test`` splits of the built-in dataset ``name``
     under ``out``, the first ``limit`` images of each; returns ``out``. Raises ``ValueError`` for an
     unknown format or a non-empty ``out``."""

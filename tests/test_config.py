@@ -103,7 +103,9 @@ def test_malformed_override_and_files(tmp_path):
         load_config(scalar)
 
 
-def test_defaults_are_pcl_on_fashion_mnist_and_round_trip():
+def test_defaults_are_pcl_on_fashion_mnist_and_round_trip(monkeypatch):
+    # a run earlier in this process set it (mlflow.set_tracking_uri exports the variable)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     cfg = build_config()
     assert (cfg.method.name, cfg.data.name) == ("pcl", "fashion_mnist")
     assert cfg.tracking.tracking_uri == "sqlite:///mlruns.db"

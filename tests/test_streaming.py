@@ -92,6 +92,9 @@ def test_bad_sources_exit_2_with_one_line_before_ray(tmp_path, parquet_source, c
         (_train_args(parquet_source, "parquet", tmp_path, "data.image_column=jpeg"),
          "has no column 'jpeg'"),
         (_train_args(tmp_path / "nowhere", "image_folder", tmp_path), "is not a folder"),
+        # 2 workers, 20 row groups of 100 less the hold-out's 2: 9 each, not 64 rows per rank
+        (_train_args(parquet_source, "parquet", tmp_path, "data.loader=stream",
+                     "optim.batch_size=2048"), "less than a per-worker batch of 1024"),
     ]
     for args, expected in cases:
         assert main(args) == 2
