@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from methods.image_files import ImageTable, check_channels, decode_units, list_image_folder
+
 FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_INSTALL = "apt-get install -y dataset-fashion-mnist"
 FASHION_MNIST_CLASSES = (
@@ -135,22 +137,24 @@ def load_digits(split: str = "train", test_fraction: float = 0.25, seed: int = 0
     )
 
 
+def decode_table(table: ImageTable, image_size: int, channels: int) -> ImageDataset:
+    """Every image of ``table`` (``methods.image_files``) decoded in this process, resized to a
+    square ``image_size``; unreadable ones are left out and counted in ``skipped``."""
+    out = decode_units(table.units, image_size, channels, table.image_column, table.label_column)
+    return ImageDataset(torch.from_numpy(out["image"]), torch.from_numpy(out["label"]),
+                        table.classes, skipped=len(table) - len(out["index"]))
+
+
 def load_image_folder(root: str | Path, image_size: int = 32, channels: int | None = None
                       ) -> ImageDataset:
-    """An ``ImageFolder`` tree (``root/<class>/<image>``) decoded into memory, every image
-    resized to a square ``image_size``; unreadable files are left out and counted in ``skipped``.
+    """An ``ImageFolder`` tree (``root/<class>/<image>``) decoded into memory (``decode_table``);
     ``channels`` None: the files' own (they must agree). For folders larger than memory, stream
     them (``data.loader: stream``)."""
-    from methods.image_files import check_channels, decode_units, list_image_folder
-
     try:
         table = list_image_folder(root)
     except ValueError as exc:
         raise DatasetNotFoundError(str(exc)) from None
-    channels = channels or check_channels(table)
-    out = decode_units(table.units, image_size, channels)
-    return ImageDataset(torch.from_numpy(out["image"]), torch.from_numpy(out["label"]),
-                        table.classes, skipped=len(table) - len(out["index"]))
+    return decode_table(table, image_size, channels or check_channels(table))
 
 
 def load_torchvision_root(name: str, root: str | Path, split: str = "train") -> ImageDataset:

@@ -17,7 +17,7 @@ No Ray import here: a plain PyTorch program can use both.
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +44,6 @@ class ImageTable:
     classes: tuple[str, ...] = ()
     image_column: str = "image"
     label_column: str | None = "label"
-    modes: dict[str, str] = field(default_factory=dict)  # path -> PIL mode, where scanned
 
     def __len__(self) -> int:
         return int(self.units["num_rows"].sum())
@@ -150,7 +149,7 @@ def channels_of(mode: str) -> int:
     return 1 if mode in GRAY_MODES else 3
 
 
-def check_channels(table: ImageTable, max_files: int | None = None) -> int:
+def check_channels(table: ImageTable) -> int:
     """The channel count every image of ``table`` shares (1 or 3), read from the image headers
     only (image files; for parquet, the first row group of each file). Unreadable files are
     passed over here: decoding skips and counts them. Raises ``ImageSourceError`` naming the first
@@ -159,15 +158,15 @@ def check_channels(table: ImageTable, max_files: int | None = None) -> int:
 
     first: tuple[str, int] | None = None
     seen_files: set[str] = set()
-    units = {k: v[:max_files] for k, v in table.units.items()}
-    for path, group in zip(units["path"], units["row_group"], strict=True):
+    for path, group in zip(table.units["path"], table.units["row_group"], strict=True):
         if group < 0:
             headers = [path]
         elif path in seen_files:
             continue
         else:
             seen_files.add(path)
-            headers = [io.BytesIO(b) for b in _parquet_images(path, 0, table.image_column)[:64]]
+            images, _ = read_row_group(path, 0, table.image_column)
+            headers = [io.BytesIO(b) for b in images[:64] if b]
         for header in headers:
             try:
                 with Image.open(header) as image:
@@ -185,11 +184,18 @@ def check_channels(table: ImageTable, max_files: int | None = None) -> int:
     return first[1]
 
 
-def _parquet_images(path: str, row_group: int, column: str) -> list[bytes | None]:
+def read_row_group(path: str, row_group: int, image_column: str,
+                   label_column: str | None = None) -> tuple[list[bytes | None], list[int]]:
+    """One parquet row group's encoded images (a Hugging Face ``{"bytes", "path"}`` struct gives
+    its bytes) and labels (-1 where null or without ``label_column``)."""
     import pyarrow.parquet as pq
 
-    values = pq.ParquetFile(path).read_row_group(row_group, columns=[column]).column(0).to_pylist()
-    return [v.get("bytes") if isinstance(v, dict) else v for v in values]
+    columns = [image_column] + ([label_column] if label_column else [])
+    table = pq.ParquetFile(path).read_row_group(row_group, columns=columns)
+    images = [v.get("bytes") if isinstance(v, dict) else v
+              for v in table.column(image_column).to_pylist()]
+    labels = (table.column(label_column).to_pylist() if label_column else [None] * len(images))
+    return images, [-1 if y is None else int(y) for y in labels]
 
 
 def decode_image(data: bytes | str, size: int, channels: int) -> np.ndarray | None:
@@ -214,8 +220,6 @@ def decode_units(units: dict[str, np.ndarray], size: int, channels: int,
     """Decode a batch of units (``ImageTable.units`` rows) into ``index`` [n] int64, ``label``
     [n] int64 and ``image`` [n, channels, size, size] uint8. Images that fail to decode are left
     out, so ``n`` may be less than the units' ``num_rows``; every image keeps its own index."""
-    import pyarrow.parquet as pq
-
     indices, labels, images = [], [], []
     for path, group, first, label in zip(units["path"], units["row_group"], units["first_index"],
                                          units["label"], strict=True):
@@ -223,15 +227,10 @@ def decode_units(units: dict[str, np.ndarray], size: int, channels: int,
             rows = [(int(first), str(path), int(label))]
         else:
             try:
-                table = pq.ParquetFile(str(path)).read_row_group(
-                    int(group), columns=[image_column] + ([label_column] if label_column else []))
+                data, ys = read_row_group(str(path), int(group), image_column, label_column)
             except Exception:  # an unreadable row group: all its images are skipped
                 continue
-            data = [v.get("bytes") if isinstance(v, dict) else v
-                    for v in table.column(image_column).to_pylist()]
-            ys = table.column(label_column).to_pylist() if label_column else [-1] * len(data)
-            rows = [(int(first) + i, d, -1 if y is None else int(y))
-                    for i, (d, y) in enumerate(zip(data, ys, strict=True))]
+            rows = [(int(first) + i, d, y) for i, (d, y) in enumerate(zip(data, ys, strict=True))]
         for index, data, y in rows:
             image = decode_image(data, size, channels) if data else None
             if image is not None:

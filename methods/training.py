@@ -28,19 +28,29 @@ class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or inf; the message names the epoch and step."""
 
 
+def _reduce_int(value: int, op: dist.ReduceOp) -> int:
+    """``value`` reduced over every rank by ``op`` (one tiny all-reduce; ``value`` alone)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.int64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, op=op)
+    return int(t.item())
+
+
 def all_ranks(flag: bool) -> bool:
-    """True only if ``flag`` is true on every rank (one tiny all-reduce; plain ``flag`` alone).
+    """True only if ``flag`` is true on every rank.
 
     Used where ranks must take the same branch, e.g. all stop on a NaN loss together instead of
     one rank leaving while the others wait in DDP's gradient all-reduce.
     """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return flag
-    t = torch.tensor([0 if flag else 1], dtype=torch.int32)
-    if dist.get_backend() == "nccl":
-        t = t.cuda()
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.item()) == 0
+    return _reduce_int(0 if flag else 1, dist.ReduceOp.MAX) == 0
+
+
+def sum_over_ranks(value: int) -> int:
+    """The sum of ``value`` over every rank (counts each rank makes of its own shard)."""
+    return _reduce_int(value, dist.ReduceOp.SUM)
 
 
 @dataclass

@@ -10,11 +10,10 @@ import numpy as np
 import torch
 
 from methods.base import Method
-from methods.data import ImageDataset, load_dataset
+from methods.data import ImageDataset, decode_table, load_dataset
 from methods.image_files import (
     ImageTable,
     check_channels,
-    decode_units,
     list_image_folder,
     list_parquet,
     split_folder,
@@ -83,14 +82,6 @@ def table_splits(cfg: ExperimentConfig) -> TableSplits:
     hold, rest = _sample_images(table, min(d.knn_holdout, len(table) // 5), cfg.seed)
     train = table.take(rest)
     return TableSplits(train, table.take(hold), channels, d.streams(len(train), channels))
-
-
-def decode_table(table: ImageTable, image_size: int, channels: int) -> ImageDataset:
-    """Every image of ``table`` decoded in this process; unreadable ones are counted in
-    ``skipped`` and left out."""
-    out = decode_units(table.units, image_size, channels, table.image_column, table.label_column)
-    return ImageDataset(torch.from_numpy(out["image"]), torch.from_numpy(out["label"]),
-                        table.classes, skipped=len(table) - len(out["index"]))
 
 
 def load_splits(cfg: ExperimentConfig, with_test: bool = False) -> Splits:

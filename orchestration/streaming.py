@@ -30,8 +30,8 @@ from orchestration.config import ExperimentConfig
 UNITS_PER_BLOCK = 256  # image files per Ray Data block: one decoding task's work
 
 
-def decoded(table: ImageTable, image_size: int, channels: int, shuffle: bool, seed: int = 0,
-            cpus: float = 1.0) -> ray.data.Dataset:
+def decoded(table: ImageTable, image_size: int, channels: int, shuffle: bool, seed: int = 0
+            ) -> ray.data.Dataset:
     """A lazy dataset of ``{"index", "label", "image"}`` rows (image uint8 ``[C, S, S]``) for
     every decodable image of ``table``.
 
@@ -49,7 +49,7 @@ def decoded(table: ImageTable, image_size: int, channels: int, shuffle: bool, se
     if shuffle:
         ds = ds.randomize_block_order()
     return ds.map_batches(
-        decode_units, batch_format="numpy", batch_size=per_block, num_cpus=cpus,
+        decode_units, batch_format="numpy", batch_size=per_block, num_cpus=1,
         fn_kwargs={"size": image_size, "channels": channels, "image_column": table.image_column,
                    "label_column": table.label_column})
 
@@ -77,7 +77,7 @@ def stream_datasets(cfg: ExperimentConfig, tables: TableSplits) -> Stream:
     limits = ExecutionOptions(resource_limits=ExecutionResources(
         cpu=d.decode_cpus, object_store_memory=d.object_store_mb * 2**20))
     info = {"num_images": len(tables.train), "channels": tables.channels,
-            "rank_images": [len(s) for s in shards], "classes": list(tables.train.classes)}
+            "rank_images": [len(s) for s in shards]}
     # nothing split by Ray: worker r asks for "train_<r>" only (``ray.train.get_dataset_shard``)
     return Stream(datasets, DataConfig(datasets_to_split=[], execution_options=limits), info)
 

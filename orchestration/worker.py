@@ -26,7 +26,14 @@ from methods.base import Batch
 from methods.batchnorm import broadcast_batchnorm_stats
 from methods.clustering import Prototypes
 from methods.evaluation import knn_accuracy
-from methods.training import NonFiniteLossError, all_ranks, encode, make_optimizer, train_epoch
+from methods.training import (
+    NonFiniteLossError,
+    all_ranks,
+    encode,
+    make_optimizer,
+    sum_over_ranks,
+    train_epoch,
+)
 from orchestration.builders import load_splits, make_method
 from orchestration.checkpoints import (
     CHECKPOINT_FILE,
@@ -48,16 +55,6 @@ from orchestration.shards import MemoryShard, StreamShard
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
-
-
-def _sum_over_ranks(value: int) -> int:
-    if not dist.is_initialized():
-        return value
-    t = torch.tensor([value], dtype=torch.int64)
-    if dist.get_backend() == "nccl":
-        t = t.cuda()
-    dist.all_reduce(t)
-    return int(t.item())
 
 
 def train_loop(config: dict) -> None:
@@ -141,10 +138,10 @@ def train_loop(config: dict) -> None:
             ray.train.report({"epoch": epoch, "stopped": str(exc)})
             return
         metrics["epoch_s"] = time.perf_counter() - start
-        metrics["skipped_images"] = _sum_over_ranks(shard.skipped)
+        metrics["skipped_images"] = sum_over_ranks(shard.skipped)
         trained = torch.cat(seen) if seen else torch.zeros(0, dtype=torch.long)
-        metrics["images_trained"] = _sum_over_ranks(len(trained))
-        metrics["repeated_images"] = _sum_over_ranks(len(trained) - len(trained.unique()))
+        metrics["images_trained"] = sum_over_ranks(len(trained))
+        metrics["repeated_images"] = sum_over_ranks(len(trained) - len(trained.unique()))
 
         # --- report: metrics from every rank; the checkpoint and online kNN from rank 0, plus
         # each rank's own file where the method keeps per-rank state (Ray merges the files)

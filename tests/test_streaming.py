@@ -118,7 +118,7 @@ def test_stream_loader_is_for_file_sources_and_auto_follows_size():
 
 @pytest.mark.slow
 def test_ray_data_pipeline_decodes_every_image_once(ray_cluster, image_folder):
-    from orchestration.builders import decode_table
+    from methods.data import decode_table
     from orchestration.streaming import decoded
 
     table = list_image_folder(image_folder / "train")
