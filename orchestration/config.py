@@ -205,6 +205,16 @@ class OptimSection(Section):
                            self.precision)
 
 
+def _custom_resources(value: dict[str, float], instead: str) -> dict[str, float]:
+    """Custom Ray resource amounts: positive, and not the CPUs or GPUs set by ``instead``."""
+    for name, amount in value.items():
+        if name in ("CPU", "GPU", "memory", "object_store_memory"):
+            raise ValueError(f"{name} is set by {instead}; list only custom resources here")
+        if amount <= 0:
+            raise ValueError(f"{name}: amounts must be > 0 (got {amount})")
+    return value
+
+
 class ClusteringSection(Section):
     num_clusters: list[int] = Field(default_factory=lambda: [50, 100, 200], min_length=1)
     niter: int = Field(20, ge=1)
@@ -214,6 +224,14 @@ class ClusteringSection(Section):
         "auto", description="gather: the actor runs faiss on every worker's features; sharded: "
         "Lloyd rounds with the features staying on their workers; auto: gather up to 1 GiB of "
         "features (orchestration.prototypes.GATHER_LIMIT_BYTES)")
+    # custom Ray resources the prototype actor asks for, which place it on the nodes started with
+    # them (`ray start --resources '{"prototype_actor": 1}'`); empty: any node with a free CPU
+    actor_resources: dict[str, float] = Field(default_factory=dict)
+
+    @field_validator("actor_resources")
+    @classmethod
+    def _custom_actor(cls, value: dict[str, float]) -> dict[str, float]:
+        return _custom_resources(value, "clustering.cpus")
 
     @field_validator("num_clusters")
     @classmethod
@@ -232,6 +250,14 @@ class ScalingSection(Section):
     # BatchNorm statistics over every worker's batch (torch's SyncBatchNorm, GPUs only); None:
     # what the method's reference does, when more than one GPU worker trains
     sync_batchnorm: bool | None = None
+    # custom Ray resources each Train worker asks for besides its CPUs and GPU: which nodes may
+    # host a worker (a node started with `--resources '{"train_slot": 1}'` hosts at most one)
+    worker_resources: dict[str, float] = Field(default_factory=dict)
+
+    @field_validator("worker_resources")
+    @classmethod
+    def _custom_worker(cls, value: dict[str, float]) -> dict[str, float]:
+        return _custom_resources(value, "scaling.cpus_per_worker and scaling.use_gpu")
 
 
 class TrackingSection(Section):

@@ -44,14 +44,16 @@ class RunSummary:
     estep_log: dict = field(default_factory=dict)
 
 
-def ensure_ray(address: str | None, cpus_needed: float, verbose: bool = True) -> None:
+def ensure_ray(address: str | None, cpus_needed: float, verbose: bool = True,
+               resources: dict[str, float] | None = None) -> None:
     """Join ``address`` (or RAY_ADDRESS), else start an embedded local cluster.
 
     The embedded cluster gets at least ``cpus_needed`` logical CPUs: on a 2-core laptop two
     workers plus the prototype actor still fit (they take turns on the cores), whereas a Train V2
     run that cannot be placed waits forever. ``verbose=False`` keeps the workers' and the Train
     controller's output (per-report dumps, library warnings) out of this console; it stays in
-    the Ray session's log files.
+    the Ray session's log files. The embedded cluster's one node also offers the custom
+    ``resources`` (``custom_resources``), so a command meant for a cluster runs here unchanged.
     """
     if ray.is_initialized():
         return
@@ -64,7 +66,7 @@ def ensure_ray(address: str | None, cpus_needed: float, verbose: bool = True) ->
         ray.init(address=address, **quiet)
     else:
         ray.init(num_cpus=max(os.cpu_count() or 1, int(cpus_needed + 0.999)),
-                 dashboard_host="127.0.0.1", **quiet)
+                 resources=resources or None, dashboard_host="127.0.0.1", **quiet)
 
 
 # Train's controller retries a worker group it cannot start (each try waits for the start
@@ -88,14 +90,39 @@ def check_gpus(cfg: ExperimentConfig, joining: bool) -> None:
 
 
 def check_cluster(cfg: ExperimentConfig) -> None:
-    """One line when the joined cluster has fewer GPUs than the run asks for right now: the run
-    waits for autoscaled nodes, at most ``CONTROLLER_FAILURE_LIMIT`` worker-group start timeouts."""
+    """On the cluster just joined: ``ConfigError`` naming the field when no node offers a custom
+    resource the config asks for (the actor or workers would wait forever), and one line when the
+    cluster has fewer GPUs than the run asks for right now (the run waits for autoscaled nodes,
+    at most ``CONTROLLER_FAILURE_LIMIT`` worker-group start timeouts)."""
     s = cfg.scaling
+    nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+    asked = [("clustering.actor_resources", cfg.clustering.actor_resources, 1)] if (
+        cfg.method.schedule() is not None) else []
+    asked.append(("scaling.worker_resources", s.worker_resources, s.num_workers))
+    for field_name, wanted, copies in asked:
+        for name, amount in wanted.items():
+            slots = sum(int(node.get(name, 0) // amount) for node in nodes)
+            if slots < copies:
+                raise ConfigError(
+                    f"{field_name}: {copies} x {{{name}: {amount:g}}} asked for, the cluster's nodes "
+                    f"hold {slots}; start nodes with `ray start --resources "
+                    f"'{{\"{name}\": {amount:g}}}'` or remove the setting")
     have = ray.cluster_resources().get("GPU", 0)
     if s.use_gpu and have < s.num_workers:
         print(f"protoray: note: scaling.use_gpu asks for {s.num_workers} GPUs and the cluster "
               f"has {have:g} now; waiting for the autoscaler (the run fails after "
               f"{CONTROLLER_FAILURE_LIMIT} worker-group start timeouts)", file=sys.stderr)
+
+
+def custom_resources(cfg: ExperimentConfig, runs: int = 1) -> dict[str, float]:
+    """The custom Ray resources ``runs`` concurrent runs ask for at most: what an embedded
+    cluster's node offers so that a config written for a cluster runs on this machine too."""
+    total: dict[str, float] = {}
+    actor = cfg.clustering.actor_resources if cfg.method.schedule() is not None else {}
+    for wanted, copies in ((actor, 1), (cfg.scaling.worker_resources, cfg.scaling.num_workers)):
+        for name, amount in wanted.items():
+            total[name] = total.get(name, 0) + runs * copies * amount
+    return total
 
 
 def cpus_per_run(cfg: ExperimentConfig) -> float:
@@ -137,8 +164,10 @@ def train(cfg: ExperimentConfig, address: str | None = None, evaluate: bool = Tr
     """
     tables = check_source(cfg)  # before Ray starts: one line, not a traceback
     check_gpus(cfg, joining=bool(address or os.environ.get("RAY_ADDRESS")))
-    ensure_ray(address, cpus_per_run(cfg), verbose)
-    check_cluster(cfg)
+    joining = ray.is_initialized() or bool(address or os.environ.get("RAY_ADDRESS"))
+    ensure_ray(address, cpus_per_run(cfg), verbose, custom_resources(cfg))
+    if joining:
+        check_cluster(cfg)
     tracking_uri = tracking.resolve_tracking_uri(cfg.tracking.tracking_uri)
     tracking.start_experiment(tracking_uri, cfg.tracking.experiment_name)
     with tracking.open_run(tracking.run_name(cfg)) as run:
@@ -161,6 +190,7 @@ def start_prototype_service(cfg: ExperimentConfig, run_id: str, faults: dict | N
     c = cfg.clustering
     return PrototypeService.options(
         name=f"prototypes-{run_id}", get_if_exists=True, num_cpus=c.cpus,
+        resources=c.actor_resources or None,
     ).remote(cfg.scaling.num_workers, c.num_clusters, schedule.temperature, cfg.seed, c.niter,
              c.nredo, faults)
 
@@ -191,7 +221,8 @@ def execute(cfg: ExperimentConfig, run_id: str, tracking_uri: str, evaluate: boo
         datasets=stream.datasets if stream else None,
         dataset_config=stream.data_config if stream else None,
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
-                                     resources_per_worker={"CPU": s.cpus_per_worker}),
+                                     resources_per_worker={"CPU": s.cpus_per_worker,
+                                                           **s.worker_resources}),
         run_config=RunConfig(
             name=name or f"protoray-{run_id}", storage_path=storage,
             failure_config=FailureConfig(max_failures=s.max_failures,

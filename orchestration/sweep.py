@@ -35,7 +35,15 @@ from ray.tune.search.sample import Categorical, Domain, Float, Integer
 
 from orchestration import tracking
 from orchestration.config import ConfigError, ExperimentConfig, build_config, load_config, set_path
-from orchestration.run import check_gpus, check_source, cpus_per_run, ensure_ray, execute
+from orchestration.run import (
+    check_cluster,
+    check_gpus,
+    check_source,
+    cpus_per_run,
+    custom_resources,
+    ensure_ray,
+    execute,
+)
 from orchestration.tracking import resolve_tracking_uri
 
 METRIC = "knn_holdout"  # what every epoch reports and ASHA ranks
@@ -139,7 +147,7 @@ def _trainable(sweep_dir: str, cfg: ExperimentConfig):
     placement group from Train."""
     bundles = [{"CPU": 1}]
     if cfg.method.schedule() is not None:
-        bundles.append({"CPU": cfg.clustering.cpus})
+        bundles.append({"CPU": cfg.clustering.cpus, **cfg.clustering.actor_resources})
     return tune.with_resources(tune.with_parameters(_trial, sweep_dir=sweep_dir),
                                tune.PlacementGroupFactory(bundles))
 
@@ -180,9 +188,12 @@ def run_sweep(config: ExperimentConfig | str | Path, space: dict[str, Any], num_
     base = _absolute(cfg)
     validate_space(base, space)
     check_source(cfg)
-    check_gpus(cfg, joining=bool(address or os.environ.get("RAY_ADDRESS")))
-
-    ensure_ray(address, max_concurrent_trials * cpus_per_run(cfg))
+    joining = ray.is_initialized() or bool(address or os.environ.get("RAY_ADDRESS"))
+    check_gpus(cfg, joining=joining)
+    ensure_ray(address, max_concurrent_trials * cpus_per_run(cfg),
+               resources=custom_resources(cfg, max_concurrent_trials))
+    if joining:
+        check_cluster(cfg)
     concurrent = _concurrency(max_concurrent_trials, cfg)
     uri = base["tracking"]["tracking_uri"]
     experiment_id = tracking.start_experiment(uri, cfg.tracking.experiment_name)
@@ -224,7 +235,7 @@ def resume_sweep(path: str | Path, address: str | None = None) -> pd.DataFrame:
                           f"{SWEEP_FILE} and Tune state); the path is printed when a sweep starts")
     spec = json.loads((sweep_dir / SWEEP_FILE).read_text())
     cfg = build_config(spec["base"])
-    ensure_ray(address, 2 * cpus_per_run(cfg))
+    ensure_ray(address, 2 * cpus_per_run(cfg), resources=custom_resources(cfg, 2))
     mlflow.set_tracking_uri(spec["tracking_uri"])
     with tracking.open_run(run_id=spec["parent_run_id"]):
         tuner = tune.Tuner.restore(str(sweep_dir), _trainable(str(sweep_dir), cfg),

@@ -247,6 +247,34 @@ def test_no_prototype_actor_cpu_for_methods_that_never_cluster():
     assert cpus_per_run(pcl) == cpus_per_run(simclr) + pcl.clustering.cpus
 
 
+@pytest.mark.parametrize("override, field", [
+    ("clustering.actor_resources={CPU: 1}", "clustering.actor_resources"),
+    ("scaling.worker_resources={train_slot: 0}", "scaling.worker_resources"),
+    ("scaling.worker_resources={GPU: 1}", "scaling.worker_resources")])
+def test_placement_resources_are_custom_and_positive(override, field):
+    with pytest.raises(ConfigError, match=field):
+        build_config({}, [override])
+
+
+def test_an_embedded_cluster_offers_the_custom_resources_a_config_asks_for():
+    from orchestration.run import custom_resources
+
+    cfg = build_config({}, ["clustering.actor_resources={prototype_actor: 1}",
+                            "scaling.worker_resources={train_slot: 1}", "scaling.num_workers=2"])
+    assert custom_resources(cfg) == {"prototype_actor": 1, "train_slot": 2}
+    assert custom_resources(cfg, runs=2) == {"prototype_actor": 2, "train_slot": 4}
+    simclr = build_config({}, ["method.name=simclr", "clustering.actor_resources={prototype_actor: 1}"])
+    assert custom_resources(simclr) == {}  # no prototype actor, nothing to place
+
+
+def test_a_cluster_without_the_asked_resource_is_one_line(ray_cluster):
+    from orchestration.run import check_cluster
+
+    with pytest.raises(ConfigError, match=r"clustering.actor_resources: .*ray start --resources"):
+        check_cluster(build_config({}, ["clustering.actor_resources={prototype_actor: 1}"]))
+    check_cluster(build_config())  # nothing custom asked: nothing to say
+
+
 @pytest.mark.parametrize("overrides", [["method.warmup_epochs=20", "optim.epochs=20"],
                                        ["method.warmup_epochs=30", "optim.epochs=20"],
                                        ["optim.epochs=1"]])
