@@ -2,6 +2,8 @@
 
 Every backbone maps ``[B, C, H, W]`` to a pooled feature ``[B, feature_dim]``; heads live in
 ``heads.py`` so a method can attach a projection, a predictor or prototypes without touching it.
+Every backbone ``build_backbone`` returns also carries a ``recipe`` (``methods.recipes``): how to
+build the same module without protoray, which ``protoray export`` writes beside the weights.
 """
 
 from __future__ import annotations
@@ -11,6 +13,10 @@ import copy
 import torch
 import torch.nn as nn
 import torchvision
+
+from methods.recipes import build, protoray_recipe, resnet_recipe
+from methods.timm_backbones import PREFIX as TIMM_PREFIX
+from methods.timm_backbones import check_timm_name, timm_backbone
 
 BACKBONES = ("convnet", "convnet_wide", "convnet_1024", "convnet_wide_1024", "convnet_wide_signed",
              "resnet18", "resnet50", "vit_tiny")
@@ -64,15 +70,12 @@ class ConvNet(nn.Module):
 
 def _resnet(name: str, in_channels: int, small_images: bool) -> nn.Module:
     """torchvision ResNet without its classifier; for small images a 3x3 stride-1 stem and no
-    max-pool (as SimCLR's CIFAR variant), so a 32 px input is not shrunk to 8 px in two layers."""
-    net = getattr(torchvision.models, name)(weights=None)
-    if small_images:
-        net.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
-        net.maxpool = nn.Identity()
-    elif in_channels != 3:
-        net.conv1 = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
-    net.feature_dim = net.fc.in_features
-    net.fc = nn.Identity()
+    max-pool (as SimCLR's CIFAR variant), so a 32 px input is not shrunk to 8 px in two layers.
+    The replacements are ``methods.recipes.resnet_recipe``'s, in the order they always ran."""
+    recipe = resnet_recipe(name, in_channels, small_images)
+    net = build(recipe)
+    net.feature_dim = net.layer4[-1].conv1.in_channels  # what fc read: 512 (18), 2048 (50)
+    net.recipe = recipe
     return net
 
 
@@ -94,9 +97,31 @@ def small_vit(in_channels: int, image_size: int) -> nn.Module:
     return net
 
 
+def check_backbone_name(name: str) -> str:
+    """``name`` if ``build_backbone`` knows it: one of ``BACKBONES`` or ``timm/<a timm model>``;
+    else ``ValueError`` saying what is accepted."""
+    if name.startswith(TIMM_PREFIX):
+        check_timm_name(name[len(TIMM_PREFIX):])
+    elif name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)} or "
+                         f"{TIMM_PREFIX}<a timm model name>")
+    return name
+
+
 def build_backbone(name: str, in_channels: int, image_size: int) -> nn.Module:
-    """A backbone with a ``feature_dim`` attribute. ResNets switch to the small-image stem below
-    64 px."""
+    """A backbone with ``feature_dim`` and ``recipe`` attributes. ResNets (torchvision's and
+    timm's) switch to the small-image stem below 64 px; ``timm/<name>``: see
+    ``methods.timm_backbones``. ``ValueError`` for an unknown name."""
+    if name.startswith(TIMM_PREFIX):
+        return timm_backbone(name[len(TIMM_PREFIX):], in_channels, image_size)
+    if name in ("resnet18", "resnet50"):
+        return _resnet(name, in_channels, small_images=image_size < 64)
+    net = _own_backbone(name, in_channels, image_size)
+    net.recipe = protoray_recipe(name, in_channels, image_size)
+    return net
+
+
+def _own_backbone(name: str, in_channels: int, image_size: int) -> nn.Module:
     if name == "convnet":
         return ConvNet(in_channels)
     if name == "convnet_wide":  # twice the channels (64..512), about 4x the FLOPs
@@ -120,11 +145,10 @@ def build_backbone(name: str, in_channels: int, image_size: int) -> nn.Module:
         # widens but kNN does not move, as the share of same-class neighbours does not change
         # (benchmarks/RESULTS.md: PCL evaluation-side checks, V14).
         return ConvNet(in_channels, widths=(64, 128, 256, 512), final_relu=False)
-    if name in ("resnet18", "resnet50"):
-        return _resnet(name, in_channels, small_images=image_size < 64)
     if name == "vit_tiny":
         return small_vit(in_channels, image_size)
-    raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
+    check_backbone_name(name)
+    raise AssertionError(f"{name} is in BACKBONES but not built")  # unreachable for valid names
 
 
 def fresh_copy(module: nn.Module) -> nn.Module:

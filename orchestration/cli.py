@@ -2,6 +2,7 @@
 
     protoray train [CONFIG] [--set section.field=value ...] [--address ADDR] [--tracking-uri URI]
     protoray eval CHECKPOINT
+    protoray export CHECKPOINT_OR_RUN --to DIR [--tracking-uri URI]
     protoray sweep CONFIG --space SPACE.yaml [--num-samples N] [--scheduler asha|none]
     protoray sweep --resume SWEEP_DIR
 
@@ -59,6 +60,17 @@ def _parser() -> argparse.ArgumentParser:
                         "trained by SGD on augmented crops of the frozen encoder), added as linear_sgd")
     e.add_argument("--epochs", type=int, default=10,
                    help="epochs of the sgd protocol (default 10 for a CPU; the papers train 100)")
+    x = sub.add_parser("export", help="write the trained backbone as safetensors + JSON for "
+                       "torchvision / timm / protoray constructors",
+                       description="Write DIR/encoder.safetensors (the backbone's weights, keys "
+                       "loading with strict=True) and DIR/encoder.json (how to build the module, "
+                       "the input it expects, the embedding size, the source).")
+    x.add_argument("source", metavar="CHECKPOINT_OR_RUN",
+                   help="a state.pt / final_checkpoint.pt, a Ray Train checkpoint directory, or "
+                        "an MLflow run id")
+    x.add_argument("--to", required=True, metavar="DIR", help="output directory (created if missing)")
+    x.add_argument("--tracking-uri", help="MLflow store of a run id (default: MLFLOW_TRACKING_URI, "
+                                          "else sqlite:///mlruns.db)")
     d = sub.add_parser("write-dataset", help="write a built-in dataset as an image folder or "
                        "parquet files (to try the streaming loader)",
                        description="Writes OUT/train and OUT/val in the layout data.name: "
@@ -142,6 +154,18 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from orchestration.export import export
+
+    done = export(args.source, Path(args.to), args.tracking_uri)
+    d = done.description
+    shape = f"{d['input']['channels']}x{d['input']['size']}x{d['input']['size']}"
+    print(f"wrote {done.weights} and {done.weights.parent / 'encoder.json'}: {d['backbone']}, "
+          f"input {shape} -> {d['embedding_dim']}-d embedding; rebuild it with the lines under "
+          "'snippet' in encoder.json")
+    return 0
+
+
 def _write_dataset(args: argparse.Namespace) -> int:
     from orchestration.write_dataset import write_dataset
 
@@ -155,7 +179,7 @@ def _write_dataset(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        commands = {"train": _train, "eval": _eval, "sweep": _sweep,
+        commands = {"train": _train, "eval": _eval, "sweep": _sweep, "export": _export,
                     "write-dataset": _write_dataset}
         return commands[args.command](args)
     except (ConfigError, FileNotFoundError, ValueError) as exc:

@@ -25,7 +25,7 @@ from pydantic import (
     model_validator,
 )
 
-from methods.backbones import BACKBONES, build_backbone
+from methods.backbones import build_backbone, check_backbone_name
 from methods.base import Method, PrototypeSchedule
 from methods.batchnorm import SplitBatchNorm
 from methods.registry import (
@@ -117,7 +117,13 @@ class DataSection(Section):
 
 
 class ModelSection(Section):
-    backbone: Literal[BACKBONES] = "convnet"  # the names build_backbone knows, kept in one place
+    # methods.backbones.BACKBONES, or timm/<any name timm.list_models() gives>
+    backbone: str = "convnet"
+
+    @field_validator("backbone")
+    @classmethod
+    def _known_backbone(cls, value: str) -> str:
+        return check_backbone_name(value)  # build_backbone's names, kept in one place
 
 
 class MethodSection(BaseModel):
