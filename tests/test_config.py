@@ -173,25 +173,6 @@ def test_cli_help_lists_subcommands(capsys):
     assert "train" in out and "eval" in out
 
 
-def test_kuberay_entrypoint_config_and_overrides_validate():
-    """The RayJob manifest must run a shipped config with overrides that pass validation, with
-    token authentication on."""
-    import shlex
-    from pathlib import Path
-
-    import yaml
-
-    root = Path(__file__).parents[1]
-    job = yaml.safe_load((root / "clusters" / "kuberay-rayjob.yaml").read_text())
-    assert job["spec"]["rayClusterSpec"]["authOptions"]["mode"] == "token"
-    words = shlex.split(job["spec"]["entrypoint"])
-    config = words[words.index("train") + 1]
-    overrides = [words[i + 1] for i, w in enumerate(words) if w == "--set"]
-    cfg = load_config(root / config, overrides)
-    assert cfg.scaling.use_gpu and cfg.model.backbone == "resnet18"
-
-
-
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_validates(path):
     """A config whose hyperparameters drifted from its method's signature fails here, not in a
