@@ -190,8 +190,10 @@ def compare_strategies(args) -> None:
 
     features = pca_features()
     labels = load_fashion_mnist(split="train").labels.numpy()
-    ray.init(num_cpus=args.threads + args.workers + 1, include_dashboard=False,
-             log_to_driver=False)
+    # the dashboard serves the state API that Train's PlacementGroupCleaner polls: without it a
+    # finished run's cleaner removed the next run's placement group under its workers
+    ray.init(num_cpus=args.threads + args.workers + 1, include_dashboard=True,
+             dashboard_host="127.0.0.1", log_to_driver=False)
     fmnist_ref = ray.put(features)
     print(f"{args.workers} workers x 1 CPU, actor {args.threads} CPUs; 20 iterations, 1 restart",
           flush=True)
