@@ -143,39 +143,13 @@ def one_estep(n: int, k: int, strategy: str, workers: int, threads: int, fmnist_
 def ami_check(features: np.ndarray, labels: np.ndarray, seeds: int = 5) -> tuple[float, float]:
     """Median AMI vs the labels over ``seeds`` seeds, K = 10: the sharded protocol (2 threads as
     ranks, the reduction the actor runs) and faiss in one process (``run_kmeans``)."""
-    import threading
-
     from sklearn.metrics import adjusted_mutual_info_score
 
-    from orchestration.prototypes import reduce_round, sharded_prototypes
+    from orchestration.prototypes import sharded_in_threads
 
     sharded, single = [], []
     for seed in range(seeds):
-        payloads, results, out = {}, {}, [None, None]
-        lock, barrier = threading.Lock(), threading.Barrier(2)
-
-        def rank(r: int, seed: int = seed, payloads=payloads, results=results, out=out,
-                 lock=lock, barrier=barrier) -> None:
-            def exchange(key, payload):
-                with lock:
-                    payloads.setdefault(key, {})[r] = payload
-                barrier.wait()
-                with lock:
-                    if key not in results:
-                        results[key] = reduce_round(key, [payloads[key][0], payloads[key][1]],
-                                                    [10], TEMPERATURE, seed, 20, 1)
-                barrier.wait()
-                return results[key]
-
-            idx = np.arange(r, len(features), 2)
-            out[r] = sharded_prototypes(exchange, 0, r, idx, features[idx], len(features), [10],
-                                        seed, 20, 1)
-
-        threads = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        out = sharded_in_threads(features, 2, [10], TEMPERATURE, seed, 20, 1)
         ids = np.empty(len(features), dtype=np.int64)
         for found in out:
             ids[found.indices] = found.assignments[0]

@@ -126,24 +126,43 @@ class ClusterSums:
                            self.dist_sums + other.dist_sums, self.objective + other.objective)
 
 
-def assign(features: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Nearest centroid (L2) of every row: ids ``[n]`` int64 and squared distances ``[n]``, by
-    an exact faiss search (what ``faiss.Kmeans`` does each iteration)."""
+def _flat_index(centroids: np.ndarray) -> faiss.IndexFlatL2:
     index = faiss.IndexFlatL2(centroids.shape[1])
     index.add(np.ascontiguousarray(centroids, dtype=np.float32))
+    return index
+
+
+def _nearest(index: faiss.IndexFlatL2, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     sq_dist, ids = index.search(np.ascontiguousarray(features, dtype=np.float32), 1)
     return ids[:, 0].astype(np.int64), sq_dist[:, 0]
 
 
+def assign(features: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest centroid (L2) of every row: ids ``[n]`` int64 and squared distances ``[n]``, by
+    an exact faiss search (what ``faiss.Kmeans`` does each iteration)."""
+    return _nearest(_flat_index(centroids), features)
+
+
+SUMS_CHUNK = 65536  # rows per step: the float64 copy stays small however large the shard
+
+
 def shard_sums(features: np.ndarray, centroids: np.ndarray) -> tuple[ClusterSums, np.ndarray]:
-    """This shard's ``ClusterSums`` against ``centroids`` ``[K, D]``, and its points' ids."""
-    ids, sq_dist = assign(features, centroids)
-    k = len(centroids)
-    sums = np.zeros((k, features.shape[1]))
-    np.add.at(sums, ids, features.astype(np.float64))
-    counts = np.bincount(ids, minlength=k)
-    dist_sums = np.bincount(ids, weights=np.sqrt(np.maximum(sq_dist, 0)), minlength=k)
-    return ClusterSums(sums, counts, dist_sums, float(sq_dist.astype(np.float64).sum())), ids
+    """This shard's ``ClusterSums`` against ``centroids`` ``[K, D]``, and its points' ids,
+    computed ``SUMS_CHUNK`` rows at a time."""
+    index, (k, d) = _flat_index(centroids), centroids.shape
+    sums = torch.zeros(k, d, dtype=torch.float64)
+    counts, dist_sums = np.zeros(k, dtype=np.int64), np.zeros(k)
+    ids, objective = np.empty(len(features), dtype=np.int64), 0.0
+    for start in range(0, len(features), SUMS_CHUNK):
+        part = features[start : start + SUMS_CHUNK]
+        part_ids, sq_dist = _nearest(index, part)
+        ids[start : start + len(part)] = part_ids
+        # index_add_ rather than np.add.at: the same float64 sums, a fraction of the time
+        sums.index_add_(0, torch.from_numpy(part_ids), torch.from_numpy(np.ascontiguousarray(part)).double())
+        counts += np.bincount(part_ids, minlength=k)
+        dist_sums += np.bincount(part_ids, weights=np.sqrt(np.maximum(sq_dist, 0)), minlength=k)
+        objective += float(sq_dist.astype(np.float64).sum())
+    return ClusterSums(sums.numpy(), counts, dist_sums, objective), ids
 
 
 def update_centroids(total: ClusterSums, previous: np.ndarray, seed: int) -> np.ndarray:
@@ -181,8 +200,8 @@ def training_mask(indices: np.ndarray, num_samples: int, k: int, seed: int,
     if fraction >= 1.0:
         return np.ones(len(indices), dtype=bool)
     # splitmix64 of (index, seed): uniform bits from an integer, without holding all N
-    z = indices.astype(np.uint64) + np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)
-    with np.errstate(over="ignore"):
+    with np.errstate(over="ignore"):  # wrapping uint64 arithmetic is the hash
+        z = indices.astype(np.uint64) + np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)
         z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
         z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
         z = z ^ (z >> np.uint64(31))

@@ -1,6 +1,7 @@
 """``protoray``: the command line, and the entrypoint for ``ray job submit``.
 
     protoray train [CONFIG] [--set section.field=value ...] [--address ADDR] [--tracking-uri URI]
+    protoray train --resume RUN_ID [--tracking-uri URI] [--address ADDR]
     protoray eval CHECKPOINT
     protoray export CHECKPOINT_OR_RUN --to DIR [--tracking-uri URI]
     protoray sweep CONFIG --space SPACE.yaml [--num-samples N] [--scheduler asha|none]
@@ -34,6 +35,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///mlruns.db)")
     t.add_argument("--verbose", action="store_true",
                    help="show Ray's and the libraries' own output instead of one line per epoch")
+    t.add_argument("--resume", metavar="RUN_ID",
+                   help="continue this MLflow run from its latest checkpoint after its driver "
+                        "died (Ctrl-C prints the command); takes no CONFIG or --set")
     w = sub.add_parser("sweep", help="Ray Tune sweep of a config over a search space",
                        description="Run trials of CONFIG over SPACE with Ray Tune (ASHA on online kNN) "
                                    "and record them as nested MLflow runs; prints one row per trial.")
@@ -95,21 +99,35 @@ def print_metrics(metrics: dict[str, float]) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    overrides = list(args.overrides)
-    if args.tracking_uri:
-        overrides.append(f"tracking.tracking_uri={args.tracking_uri}")
-    cfg = load_config(args.config, overrides)
-    for notice in cfg.notices():
-        print(f"protoray: note: {notice}", file=sys.stderr)
     from orchestration.console import quiet_libraries
-    from orchestration.run import TrainingStopped, train
+    from orchestration.run import RunInterrupted, TrainingStopped, resume, train
 
+    if args.resume and (args.config or args.overrides):
+        raise ConfigError("train --resume RUN_ID: the run's own config is used; drop CONFIG and "
+                          "--set (pass the run's MLflow store with --tracking-uri)")
+    if not args.resume:
+        overrides = list(args.overrides)
+        if args.tracking_uri:
+            overrides.append(f"tracking.tracking_uri={args.tracking_uri}")
+        cfg = load_config(args.config, overrides)
+        for notice in cfg.notices():
+            print(f"protoray: note: {notice}", file=sys.stderr)
     quiet_libraries(args.verbose)
     try:
-        summary = train(cfg, address=args.address, verbose=args.verbose)
+        if args.resume:
+            from orchestration.config import TrackingSection
+
+            uri = args.tracking_uri or TrackingSection().tracking_uri
+            summary = resume(args.resume, uri, address=args.address, verbose=args.verbose)
+        else:
+            summary = train(cfg, address=args.address, verbose=args.verbose)
     except TrainingStopped as exc:
         print(f"protoray: training stopped: {exc}", file=sys.stderr)
         return 1
+    except RunInterrupted as exc:
+        print(f"\nprotoray: interrupted; continue with: protoray train --resume {exc.run_id} "
+              f"--tracking-uri {exc.tracking_uri}", file=sys.stderr)
+        return 130
     print()
     print_metrics(summary.metrics)
     if summary.checkpoint:

@@ -79,6 +79,13 @@ def _run_checkpoint(run_id: str, tracking_uri: str, dest: Path) -> Path:
                          "checkpoint directory instead") from None
 
 
+def load_checkpoint(path: Path) -> tuple[Loaded, dict[str, Any]]:
+    """The method of checkpoint file ``path`` with its weights, and the raw state. ``ValueError``
+    naming ``path`` for anything that is not a protoray checkpoint."""
+    state = load_state(path)
+    return _method_from_state(state, path), state
+
+
 def _method_from_state(state: Any, path: Path) -> Loaded:
     """The checkpoint's method with its weights loaded. ``ValueError`` naming ``path`` for
     anything that is not a protoray checkpoint."""
@@ -161,8 +168,7 @@ def export(source: str, out_dir: Path, tracking_uri: str | None = None) -> Expor
             path = _run_checkpoint(run_id, uri, Path(tmp))
             origin = {"checkpoint": f"runs:/{run_id}/{RUN_CHECKPOINT}", "run_id": run_id,
                       "tracking_uri": uri}
-        state = load_state(path)
-        loaded = _method_from_state(state, path)
+        loaded, state = load_checkpoint(path)
         origin["epoch"] = state.get("epoch")
     x = torch.randn(2, loaded.channels, loaded.side, loaded.side,
                     generator=torch.Generator().manual_seed(0))

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import time
 from collections.abc import Callable
 
@@ -220,8 +221,9 @@ def sharded_prototypes(exchange: Exchange, epoch: int, rank: int, indices: np.nd
     of at most ``MAX_POINTS_PER_CENTROID`` K points (``training_mask``) and restarts keep the
     lowest objective. Returns Prototypes whose assignments cover this rank's ``indices`` only."""
     start = time.perf_counter()
-    order = np.argsort(indices)
-    indices, features = indices[order], features[order]
+    if np.any(np.diff(indices) <= 0):  # sorted already when shards are r, r + W, ...: no copy
+        order = np.argsort(indices)
+        indices, features = indices[order], features[order]
     centroids_out, density, own, encoded = [], [], [], 0
     for i, k in enumerate(num_clusters):
         run_seed = seed + epoch * 1009 + i * 101
@@ -248,3 +250,39 @@ def sharded_prototypes(exchange: Exchange, epoch: int, rank: int, indices: np.nd
         own.append(ids)
     return Prototypes(centroids_out, density, own, epoch=epoch, indices=indices,
                       seconds=time.perf_counter() - start, encoded=encoded)
+
+
+def sharded_in_threads(features: np.ndarray, world: int, num_clusters: list[int],
+                       temperature: float, seed: int, niter: int, nredo: int) -> list[Prototypes]:
+    """The sharded E-step in this process, threads standing in for ``world`` Train workers and
+    each round reduced by ``reduce_round`` as the actor does: every rank's Prototypes, rank r
+    holding rows r, r + world, ... of ``features`` ``[N, D]``. For checking the protocol (tests,
+    benchmarks) without Ray."""
+    payloads: dict = {}
+    results: dict = {}
+    lock, barrier = threading.Lock(), threading.Barrier(world)
+    out: list = [None] * world
+
+    def rank(r: int) -> None:
+        def exchange(key, payload):
+            with lock:
+                payloads.setdefault(key, {})[r] = payload
+            barrier.wait()
+            with lock:
+                if key not in results:
+                    parts = [payloads[key][s] for s in range(world)]
+                    results[key] = reduce_round(key, parts, num_clusters, temperature, seed, niter,
+                                                nredo)
+            barrier.wait()
+            return results[key]
+
+        indices = np.arange(r, len(features), world)
+        out[r] = sharded_prototypes(exchange, 0, r, indices, features[indices], len(features),
+                                    num_clusters, seed, niter, nredo)
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return out

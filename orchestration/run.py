@@ -7,6 +7,7 @@ workers while they train; the prototype actor is the only state they share.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -155,30 +156,59 @@ def check_source(cfg: ExperimentConfig) -> TableSplits | None:
     return tables
 
 
+class RunInterrupted(RuntimeError):
+    """Ctrl-C during a run; ``run_id`` and ``tracking_uri`` name the run to resume."""
+
+    def __init__(self, run_id: str, tracking_uri: str):
+        super().__init__(f"run {run_id} interrupted")
+        self.run_id, self.tracking_uri = run_id, tracking_uri
+
+
 def train(cfg: ExperimentConfig, address: str | None = None, evaluate: bool = True,
-          faults: dict | None = None, verbose: bool = True) -> RunSummary:
+          faults: dict | None = None, verbose: bool = True,
+          resume_run_id: str | None = None) -> RunSummary:
     """Run one experiment end to end; returns the MLflow run id and the final metrics.
 
-    ``verbose=False`` (the CLI's default) prints one line per epoch instead of Ray's output.
-    ``faults`` is for the reliability tests only (kill a worker or the actor, inject a NaN).
+    ``resume_run_id``: continue that MLflow run (``cfg`` being its config, see ``resume``) from
+    its latest Ray Train checkpoint instead of starting a new one. ``verbose=False`` (the CLI's
+    default) prints one line per epoch instead of Ray's output. ``faults`` is for the
+    reliability tests only (kill a worker or the actor, inject a NaN). Ctrl-C raises
+    ``RunInterrupted``.
     """
     tables = check_source(cfg)  # before Ray starts: one line, not a traceback
     check_gpus(cfg, joining=bool(address or os.environ.get("RAY_ADDRESS")))
-    joining = ray.is_initialized() or bool(address or os.environ.get("RAY_ADDRESS"))
     ensure_ray(address, cpus_per_run(cfg), verbose, custom_resources(cfg))
-    if joining:
-        check_cluster(cfg)
+    check_cluster(cfg)
     tracking_uri = tracking.resolve_tracking_uri(cfg.tracking.tracking_uri)
     tracking.start_experiment(tracking_uri, cfg.tracking.experiment_name)
-    with tracking.open_run(tracking.run_name(cfg)) as run:
+    name = tracking.run_name(cfg)
+    with tracking.open_run(None if resume_run_id else name, run_id=resume_run_id) as run:
         run_id = run.info.run_id
-        if not verbose:
-            print(f"MLflow run {run_id} ({tracking.run_name(cfg)}): {cfg.scaling.num_workers} "
-                  f"workers, {cfg.optim.epochs} epochs", flush=True)
+        run_all = functools.partial(execute, cfg, run_id, tracking_uri, evaluate=evaluate,
+                                    faults=faults, tables=tables, resumed=bool(resume_run_id))
+        print(f"MLflow run {run_id} ({name}): {cfg.scaling.num_workers} workers, "
+              f"{cfg.optim.epochs} epochs{'; resumed' if resume_run_id else ''}; if this process "
+              f"dies: protoray train --resume {run_id} --tracking-uri {tracking_uri}", flush=True)
+        try:
+            if verbose:
+                return run_all()
             with EpochPrinter(tracking_uri, run_id, cfg.optim.epochs):
-                return execute(cfg, run_id, tracking_uri, evaluate=evaluate, faults=faults,
-                               tables=tables)
-        return execute(cfg, run_id, tracking_uri, evaluate=evaluate, faults=faults, tables=tables)
+                return run_all()
+        except KeyboardInterrupt:
+            raise RunInterrupted(run_id, tracking_uri) from None
+
+
+def resume(run_id: str, tracking_uri: str, address: str | None = None,
+           verbose: bool = True) -> RunSummary:
+    """Continue ``protoray train``'s MLflow run ``run_id`` after its driver died (Ctrl-C,
+    SIGKILL, a lost head node): the same config, the same run, from the latest Ray Train
+    checkpoint in the storage path it recorded, E-step state included; epochs already logged
+    are not logged again. ``ConfigError`` (one line) for a run that cannot be resumed."""
+    uri = tracking.resolve_tracking_uri(tracking_uri)
+    cfg, storage, experiment = tracking.resumable_run(uri, run_id)
+    cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={
+        "tracking_uri": uri, "storage_path": storage, "experiment_name": experiment})})
+    return train(cfg, address=address, verbose=verbose, resume_run_id=run_id)
 
 
 def start_prototype_service(cfg: ExperimentConfig, run_id: str, faults: dict | None = None):
@@ -197,23 +227,26 @@ def start_prototype_service(cfg: ExperimentConfig, run_id: str, faults: dict | N
 
 def execute(cfg: ExperimentConfig, run_id: str, tracking_uri: str, evaluate: bool = True,
             faults: dict | None = None, callbacks: tuple = (), storage_path: str | None = None,
-            name: str | None = None, tables: TableSplits | None = None) -> RunSummary:
+            name: str | None = None, tables: TableSplits | None = None,
+            resumed: bool = False) -> RunSummary:
     """The prototype actor, the TorchTrainer and the final evaluation, all recorded in the
     already-open MLflow run ``run_id``. ``train`` and every sweep trial go through here; a trial
     adds Tune's report callback and keeps its Train run under the sweep's directory.
 
     Re-running with the same ``name`` and storage resumes from the latest checkpoint (Train V2).
-    ``tables`` is ``check_source``'s listing, made again here when not given.
+    ``tables`` is ``check_source``'s listing, made again here when not given. ``resumed``: the
+    run's start (params, config, dataset) is logged already.
     """
     s = cfg.scaling
     if tables is None and cfg.data.name in STREAMED:
         tables = table_splits(cfg)
     stream = stream_datasets(cfg, tables) if tables is not None and tables.streams else None
-    tracking.log_run_start(run_id, cfg, loader="stream" if stream else "memory")
-    service = start_prototype_service(cfg, run_id, faults)
     storage = storage_path or cfg.tracking.storage_path
     if "://" not in storage:
         storage = str(Path(storage).resolve())
+    if not resumed:
+        tracking.log_run_start(run_id, cfg, loader="stream" if stream else "memory", storage=storage)
+    service = start_prototype_service(cfg, run_id, faults)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"experiment": cfg.model_dump(mode="json"), "prototype_service": service,
@@ -246,6 +279,9 @@ def execute(cfg: ExperimentConfig, run_id: str, tracking_uri: str, evaluate: boo
         raise TrainingStopped(f"{stopped}; last good checkpoint: "
                               f"{checkpoint_dir or 'none (stopped in the first epoch)'}")
     metrics: dict[str, float] = {}
+    if result.checkpoint:
+        with result.checkpoint.as_directory() as directory:
+            tracking.log_encoder(run_id, Path(directory) / CHECKPOINT_FILE)
     if evaluate and result.checkpoint:
         with result.checkpoint.as_directory() as directory, tempfile.TemporaryDirectory() as out:
             metrics, plots = evaluate_checkpoint(Path(directory) / CHECKPOINT_FILE, Path(out), cfg)

@@ -188,12 +188,10 @@ def run_sweep(config: ExperimentConfig | str | Path, space: dict[str, Any], num_
     base = _absolute(cfg)
     validate_space(base, space)
     check_source(cfg)
-    joining = ray.is_initialized() or bool(address or os.environ.get("RAY_ADDRESS"))
-    check_gpus(cfg, joining=joining)
+    check_gpus(cfg, joining=bool(address or os.environ.get("RAY_ADDRESS")))
     ensure_ray(address, max_concurrent_trials * cpus_per_run(cfg),
                resources=custom_resources(cfg, max_concurrent_trials))
-    if joining:
-        check_cluster(cfg)
+    check_cluster(cfg)
     concurrent = _concurrency(max_concurrent_trials, cfg)
     uri = base["tracking"]["tracking_uri"]
     experiment_id = tracking.start_experiment(uri, cfg.tracking.experiment_name)

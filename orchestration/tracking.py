@@ -8,6 +8,7 @@ final checkpoint. A sweep is a parent run with one child run per Tune trial.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -78,16 +79,51 @@ def open_run(name: str | None = None, run_id: str | None = None):
     return mlflow.start_run(run_name=name, run_id=run_id)
 
 
-def log_run_start(run_id: str, cfg: ExperimentConfig, loader: str = "memory") -> None:
+STORAGE_TAG = "protoray.storage_path"  # where the run's Ray Train checkpoints go, absolute
+
+
+def log_run_start(run_id: str, cfg: ExperimentConfig, loader: str = "memory",
+                  storage: str = "") -> None:
     """Params (the flattened config), tags (``loader``: how the training images reached the
-    workers, ``memory`` or ``stream``), the config file and the dataset as the run's input."""
+    workers, ``memory`` or ``stream``; ``STORAGE_TAG``: the checkpoints' absolute storage path,
+    which ``--resume`` reads), the config file and the dataset as the run's input."""
     client = MlflowClient()
     mlflow.log_params({k: json.dumps(v) if isinstance(v, (list, dict)) else v
                        for k, v in cfg.flat().items()}, run_id=run_id)
-    for key, value in {**run_tags(cfg), "loader": loader}.items():
+    for key, value in {**run_tags(cfg), "loader": loader, STORAGE_TAG: storage}.items():
         client.set_tag(run_id, key, value)
     mlflow.log_text(to_yaml(cfg), "config.yaml", run_id=run_id)
     _log_dataset(run_id, cfg)
+
+
+def resumable_run(tracking_uri: str, run_id: str) -> tuple[ExperimentConfig, str, str]:
+    """(config, storage path, experiment name) of run ``run_id`` for ``protoray train --resume``.
+    ``ConfigError`` (one line) for a run that is not in the store, has finished, or was not
+    started by ``protoray train``."""
+    import yaml
+    from mlflow.exceptions import MlflowException
+
+    from orchestration.config import ConfigError, build_config
+
+    prefix = "sqlite:///"
+    if tracking_uri.startswith(prefix) and not Path(tracking_uri[len(prefix):]).is_file():
+        raise ConfigError(f"--resume {run_id}: no MLflow store at {tracking_uri}; pass the run's "
+                          "store with --tracking-uri (or MLFLOW_TRACKING_URI)")
+    client = MlflowClient(tracking_uri)
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        raise ConfigError(f"--resume {run_id}: no such run in {tracking_uri}; pass the run's "
+                          "store with --tracking-uri") from None
+    storage = run.data.tags.get(STORAGE_TAG)
+    if not storage or TRIAL_TAG in run.data.tags:
+        raise ConfigError(f"--resume {run_id}: not a protoray train run (sweep trials resume with "
+                          "protoray sweep --resume SWEEP_DIR)")
+    if run.info.status == "FINISHED":
+        raise ConfigError(f"--resume {run_id}: the run has already finished")
+    text = mlflow.artifacts.load_text(f"{run.info.artifact_uri}/config.yaml")
+    experiment = client.get_experiment(run.info.experiment_id).name
+    return build_config(yaml.safe_load(text)), storage, experiment
 
 
 def _log_dataset(run_id: str, cfg: ExperimentConfig) -> None:
@@ -128,6 +164,45 @@ def log_evaluation(run_id: str, metrics: dict, plots: list[Path], checkpoint: Pa
     mlflow.log_artifact(str(checkpoint), "checkpoint", run_id=run_id)
 
 
+ENCODER_MODEL = "encoder"  # mlflow.pytorch.load_model(f"runs:/{run_id}/encoder")
+
+
+def log_encoder(run_id: str, checkpoint: Path) -> None:
+    """The checkpoint's encoder as the run's MLflow model ``encoder``: a module from uint8 or
+    [0, 1] float images ``[B, C, H, W]`` to embeddings ``[B, D]`` (``methods.image_encoder``),
+    with an input example and signature, and protoray's ``methods`` package as its code so
+    it loads where protoray is not installed."""
+    import mlflow.pytorch
+    import numpy as np
+    import torch
+    from mlflow.models import infer_signature
+
+    import methods
+    from methods.image_encoder import image_encoder
+    from orchestration.export import load_checkpoint
+
+    loaded, _ = load_checkpoint(checkpoint)
+    encoder = image_encoder(loaded.method, loaded.channels, loaded.side)
+    example = np.random.default_rng(0).integers(
+        0, 256, (2, loaded.channels, loaded.side, loaded.side), dtype=np.uint8)
+    with torch.no_grad():
+        output = encoder(torch.from_numpy(example)).numpy()
+    active = mlflow.active_run()
+    # log_model writes to the active run; a sweep trial's process has none open
+    context = contextlib.nullcontext() if active and active.info.run_id == run_id else \
+        mlflow.start_run(run_id=run_id)
+    with context:
+        mlflow.pytorch.log_model(
+            encoder, name=ENCODER_MODEL, input_example=example,
+            signature=infer_signature(example, output),
+            code_paths=[str(Path(methods.__file__).parent)],
+            # pickled, not MLflow's default torch.export graph: that one is traced at the
+            # example's batch size and dtype, and the model takes any B, uint8 or float
+            serialization_format="pickle",
+            # listed, not inferred: inference imports the model in a subprocess, slowly
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy"])
+
+
 def stopped_reason(run_id: str) -> str | None:
     """The ``stopped`` tag the epoch logger set when training stopped on a NaN loss."""
     return mlflow.get_run(run_id).data.tags.get("stopped")
@@ -139,6 +214,7 @@ class MLflowEpochLogger(UserCallback):
     def __init__(self, tracking_uri: str, run_id: str):
         self.tracking_uri = tracking_uri
         self.run_id = run_id
+        self.logged: set[int] | None = None  # epochs in the run already, read at the first report
 
     def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
         client = MlflowClient(self.tracking_uri)
@@ -151,6 +227,11 @@ class MLflowEpochLogger(UserCallback):
         if waits:
             values["estep_wait_max_s"] = max(waits)
         step = int(values.pop("epoch", 0))
+        if self.logged is None:
+            self.logged = {m.step for m in client.get_metric_history(self.run_id, "loss")}
+        if step in self.logged:  # a resumed run redid an epoch logged before its driver died
+            return
+        self.logged.add(step)
         now = int(time.time() * 1000)
         client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in values.items()])
 

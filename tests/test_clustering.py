@@ -186,3 +186,19 @@ def test_an_empty_cluster_splits_a_large_one_and_never_goes_nan():
     donor = 0 if np.allclose(new[1], [1 + eps, 1 - eps]) else 2
     assert np.allclose(new[1], new[donor] * (1 + eps * np.array([1, -1])) /
                        (1 - eps * np.array([1, -1])), rtol=1e-6)
+
+
+def test_shard_sums_in_chunks_equal_one_pass(monkeypatch):
+    """A shard larger than ``SUMS_CHUNK`` is summed chunk by chunk, to the same statistics."""
+    from methods import clustering
+
+    x = np.random.default_rng(0).normal(size=(1000, 8)).astype(np.float32)
+    centroids = x[:7].copy()
+    whole, ids = clustering.shard_sums(x, centroids)
+    monkeypatch.setattr(clustering, "SUMS_CHUNK", 64)
+    chunked, chunked_ids = clustering.shard_sums(x, centroids)
+    np.testing.assert_array_equal(chunked_ids, ids)
+    np.testing.assert_array_equal(chunked.counts, whole.counts)
+    np.testing.assert_allclose(chunked.sums, whole.sums, rtol=1e-12)
+    np.testing.assert_allclose(chunked.dist_sums, whole.dist_sums, rtol=1e-12)
+    assert math.isclose(chunked.objective, whole.objective, rel_tol=1e-9)

@@ -4,13 +4,11 @@ must not depend on how many ranks hold the features."""
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import pytest
 
 from methods.clustering import assign, concentration, init_indices, lloyd
-from orchestration.prototypes import reduce_round, sharded_prototypes
+from orchestration.prototypes import sharded_in_threads
 
 NUM_CLUSTERS, NITER, NREDO, SEED = [6, 12], 8, 2, 3
 
@@ -22,34 +20,7 @@ def _features(n: int = 1001, d: int = 8) -> np.ndarray:
 
 
 def run_ranks(x: np.ndarray, world: int) -> list:
-    """Every rank's Prototypes, rank r holding rows r, r + world, ... (a fixed shard)."""
-    payloads: dict = {}
-    results: dict = {}
-    lock, barrier = threading.Lock(), threading.Barrier(world)
-    out: list = [None] * world
-
-    def rank(r: int) -> None:
-        def exchange(key, payload):
-            with lock:
-                payloads.setdefault(key, {})[r] = payload
-            barrier.wait()
-            with lock:
-                if key not in results:
-                    parts = [payloads[key][s] for s in range(world)]
-                    results[key] = reduce_round(key, parts, NUM_CLUSTERS, 0.2, SEED, NITER, NREDO)
-            barrier.wait()
-            return results[key]
-
-        indices = np.arange(r, len(x), world)
-        out[r] = sharded_prototypes(exchange, 0, r, indices, x[indices], len(x), NUM_CLUSTERS,
-                                    SEED, NITER, NREDO)
-
-    threads = [threading.Thread(target=rank, args=(r,)) for r in range(world)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return out
+    return sharded_in_threads(x, world, NUM_CLUSTERS, 0.2, SEED, NITER, NREDO)
 
 
 @pytest.mark.parametrize("world", [2, 3])

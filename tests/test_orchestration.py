@@ -126,6 +126,24 @@ def test_two_workers_train_icl_msr_and_selfcon(ray_cluster, tiny_config, method)
         assert moved, "the meta step never updated f_msr"
 
 
+def _check_logged_encoder(summary) -> None:
+    """The run's MLflow model maps uint8 images to the embeddings protoray's encoder gives."""
+    import mlflow.pytorch
+
+    from orchestration.export import load_checkpoint
+
+    mlflow.set_tracking_uri(summary.tracking_uri)
+    model = mlflow.pytorch.load_model(f"runs:/{summary.run_id}/encoder")
+    loaded, _ = load_checkpoint(Path(summary.checkpoint) / "state.pt")
+    images = torch.randint(0, 256, (4, loaded.channels, loaded.side, loaded.side), dtype=torch.uint8)
+    views = loaded.method.views
+    with torch.no_grad():
+        expected = loaded.method.embed((images.float() / 255 - views.mean) / views.std)
+        torch.testing.assert_close(model(images), expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model(images.float() / 255), expected, atol=1e-5, rtol=1e-5)
+    assert expected.shape == (4, loaded.method.backbone.feature_dim)
+
+
 def test_simclr_run_starts_no_prototype_actor_and_is_named_and_tagged(ray_cluster, tiny_config):
     """A method that never clusters gets no prototype actor (nor its CPU); the MLflow run is
     named <method>-<dataset>, tagged, and has the dataset as its input. ``1e-1`` is a float."""
@@ -147,6 +165,7 @@ def test_simclr_run_starts_no_prototype_actor_and_is_named_and_tagged(ray_cluste
     [dataset] = run.inputs.dataset_inputs
     assert dataset.dataset.name == "digits"
     assert [s for s, _ in _history(summary, "loss")] == [0]
+    _check_logged_encoder(summary)
 
     pcl = train(tiny_config("optim.epochs=2"), evaluate=False)  # the same query sees PCL's actor
     seen = {a.actor_id for a in list_actors(filters=[("class_name", "=", "PrototypeService")],
