@@ -9,7 +9,8 @@ It never changes the encoder:
   BatchNorm's running statistics; a method that exposes nothing gets an eval-mode, no-grad
   ``embed`` of the un-augmented batch instead (``probe_features``), which leaves them alone too;
 - it has its own optimiser (SGD, momentum 0.9, no weight decay, a constant learning rate: it
-  follows an encoder that keeps moving), outside the method's parameters and checkpoint keys;
+  follows an encoder that keeps moving), outside the method's parameters and ``state_dict``
+  (a checkpoint keeps it under its own key);
 - its initialisation draws from its own ``torch.Generator``, never the global RNG that later
   initialisations or augmentations might read.
 
