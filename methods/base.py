@@ -60,6 +60,8 @@ class Method(nn.Module):
     reference_sync_batchnorm: ClassVar[bool] = False
     progress: float = 0.0  # fraction of training done, set by the loop (BYOL's momentum schedule)
     epoch: int = 0  # the epoch being trained, set by the loop (DINO's last-layer freeze)
+    # the feature the online probe reads after this step (``expose``); None until a step sets it
+    probe_feature: torch.Tensor | None = None
 
     def __init__(self, backbone: nn.Module, views: ViewSpec, seed: int = 0):
         super().__init__()
@@ -111,6 +113,7 @@ class Method(nn.Module):
                       ) -> tuple[torch.Tensor, dict[str, float]]:
         """Two-view methods: backbone features of a positive pair, then the loss on them."""
         h0, h1 = self.pair_features(batch)
+        self.expose(h0)
         return self.pair_loss(h0, h1, batch, prototypes)
 
     def pair_features(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,6 +133,20 @@ class Method(nn.Module):
         """The method's loss from pair features (heads included). ``record=False`` leaves the
         method's state (queues) untouched, for extra scorings of the same step's pair."""
         raise NotImplementedError(f"{type(self).__name__} is not a two-view method")
+
+    def expose(self, feature: torch.Tensor) -> torch.Tensor:
+        """Keep ``feature`` detached for the online linear probe (``methods.online_probe``) and
+        return it unchanged. ``training_step`` calls it once with what ``embed`` would compute,
+        taken from the training forward of the step's first view: ``[B, D]``, one row per image in
+        batch order. Reusing it spares a second train-mode forward, which would move BatchNorm's
+        running statistics. A method that never calls it gets an eval-mode ``embed`` instead."""
+        self.probe_feature = feature.detach()
+        return feature
+
+    def pop_probe_feature(self) -> torch.Tensor | None:
+        """The feature ``expose`` kept during the last step (then forgotten), or None."""
+        feature, self.probe_feature = self.probe_feature, None
+        return feature
 
     def forward(self, batch: Batch, prototypes: DevicePrototypes | None = None):
         return self.training_step(batch, prototypes)

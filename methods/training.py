@@ -19,6 +19,7 @@ import torch.distributed as dist
 from methods.base import Batch, DevicePrototypes, Method
 from methods.clustering import Prototypes, run_kmeans
 from methods.data import ImageDataset
+from methods.online_probe import OnlineProbe, probe_features
 from methods.views import to_input
 
 PRECISIONS = ("fp32", "bf16")
@@ -115,9 +116,9 @@ def train_epoch(method: Method, batches: Iterable[Batch], steps: int,
                 optimizer: torch.optim.Optimizer, scheduler, epoch: int,
                 prototypes: DevicePrototypes | None = None, device: str | torch.device = "cpu",
                 model: torch.nn.Module | None = None, total_epochs: int | None = None,
-                precision: str = "fp32") -> dict[str, float]:
+                precision: str = "fp32", probe: OnlineProbe | None = None) -> dict[str, float]:
     """One pass over ``batches`` (``steps`` of them, for the progress of schedules that read it);
-    returns the mean of every metric the method reports.
+    returns the mean of every metric the method reports, over the steps that reported it.
 
     ``batches`` are on the CPU (``memory_batches``, or a Ray Data stream in the workers).
     ``model`` is what is called (a DDP wrapper in workers); ``method`` gets ``on_step_end``, with
@@ -125,13 +126,16 @@ def train_epoch(method: Method, batches: Iterable[Batch], steps: int,
     forward under bfloat16 autocast (weights, gradients and optimiser stay float32): on a CPU
     with AMX it makes a SimCLR step much faster (``benchmarks/throughput.py``; figures in
     benchmarks/RESULTS.md), on CUDA it is the usual mixed precision.
+
+    ``probe`` (``methods.online_probe``) takes one step per batch on the feature the method's
+    forward exposed, detached, with the batch's labels, after the method's own step.
     """
     model = model or method
     autocast = autocast_for(device, precision)
     model.train()
     method.epoch = epoch
     sums: dict[str, float] = {}
-    done = 0
+    counts: dict[str, int] = {}
     for step, cpu_batch in enumerate(batches):
         batch = Batch(cpu_batch.indices.to(device), cpu_batch.images.to(device, non_blocking=True),
                       cpu_batch.labels.to(device))
@@ -149,10 +153,12 @@ def train_epoch(method: Method, batches: Iterable[Batch], steps: int,
         if total_epochs:
             method.progress = (epoch + min(step + 1, steps) / steps) / total_epochs
         method.on_step_end()
+        if probe is not None:
+            metrics = {**metrics, **probe.step(probe_features(method, batch.images), batch.labels)}
         for name, value in {"loss": loss.item(), **metrics}.items():
             sums[name] = sums.get(name, 0.0) + value
-        done += 1
-    out = {name: total / max(done, 1) for name, total in sums.items()}
+            counts[name] = counts.get(name, 0) + 1
+    out = {name: total / counts[name] for name, total in sums.items()}
     out["lr"] = optimizer.param_groups[0]["lr"]
     return out
 

@@ -1,5 +1,5 @@
 """Checkpoint files: rank 0's ``state.pt`` (model, optimiser, schedule, epoch, prototypes,
-config) and, for methods with per-rank state (memory-bank shards), one ``rank_<r>.pt`` each.
+config, the online probe) and, for methods with per-rank state (memory-bank shards), one ``rank_<r>.pt`` each.
 
 Everything is tensors and plain types, so every file loads with ``weights_only=True``.
 """
@@ -16,12 +16,13 @@ CHECKPOINT_FILE = "state.pt"
 
 
 def save_state(path: Path, method: Method, optimizer, scheduler, epoch: int, prototypes=None,
-               config: dict | None = None) -> None:
-    """Everything a resumed run needs, as tensors and plain types (loads with weights_only=True)."""
+               config: dict | None = None, probe: dict | None = None) -> None:
+    """Everything a resumed run needs, as tensors and plain types (loads with weights_only=True).
+    ``probe``: the online probe's ``checkpoint_state`` (None: the run has none)."""
     torch.save({"model": method.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "epoch": epoch, "prototypes": prototypes.state_dict() if prototypes else None,
-                "config": config}, path)
+                "config": config, "probe": probe}, path)
 
 
 def checkpoint_file(path: Path) -> Path:

@@ -204,6 +204,9 @@ class OptimSection(Section):
     warmup_epochs: int = Field(0, ge=0, description="linear learning-rate warm-up")
     precision: Literal["fp32", "bf16"] = Field(
         "fp32", description="bf16: forward under bfloat16 autocast (CPUs with AMX, CUDA)")
+    online_probe: bool = Field(True, description="train a linear classifier on the detached "
+                               "backbone feature with the labels, where the data has them; "
+                               "report its hold-out accuracy (probe_holdout) every epoch")
 
     def training(self) -> OptimConfig:
         """The optimiser settings ``methods.training`` takes."""

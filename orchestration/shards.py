@@ -1,5 +1,6 @@
 """What one Train worker iterates: its fixed shard of the training images, from memory or from
-a Ray Data stream, behind one interface (``batches``, ``encode``, ``knn_sets``).
+a Ray Data stream, behind one interface (``batches``, ``encode``, ``knn_sets``,
+``num_classes``).
 
 Both give rank r the images r, r + W, r + 2W, ... of the training set (in-memory: of the images;
 streamed: of the decode units, ``orchestration.streaming``) in a fresh order every epoch, and both
@@ -16,7 +17,7 @@ import torch
 
 from methods.base import Batch, Method
 from methods.data import ImageDataset
-from methods.training import all_ranks, encode, epoch_batches, memory_batches
+from methods.training import all_ranks, encode, epoch_batches, memory_batches, sum_over_ranks
 from orchestration.builders import KNN_BANK_SIZE, Splits
 
 ENCODE_BATCH = 1024  # images per forward pass of the E-step's encoding
@@ -53,6 +54,11 @@ class MemoryShard:
         """(bank, queries) of the online kNN: the first training images and the hold-out."""
         return self.train.subset(torch.arange(min(KNN_BANK_SIZE, self.num_images))), self.holdout
 
+    def num_classes(self) -> int:
+        """1 + the largest label of the training and hold-out images; 0 when none is labelled.
+        Every rank holds the whole set, so every rank computes the same number."""
+        return _classes(torch.cat([self.train.labels, self.holdout.labels]))
+
 
 class StreamShard:
     """This rank's shard as Ray Data streams it (``ray.train.get_dataset_shard("train_<rank>")``).
@@ -73,6 +79,7 @@ class StreamShard:
             raise ValueError(f"batch size {batch_size} per worker is larger than the "
                              f"{min(info['rank_images'])} images the smallest shard holds")
         self.skipped = 0
+        self.rank = rank
         self._knn: tuple[ImageDataset, ImageDataset] | None = None
 
     def _stream(self, batch_size: int, shuffle: bool = False) -> Iterator[Batch]:
@@ -112,6 +119,18 @@ class StreamShard:
             self._knn = tuple(_collect(ray.train.get_dataset_shard(name))
                               for name in ("knn_bank", "knn_holdout"))
         return self._knn
+
+    def num_classes(self) -> int:
+        """1 + the largest label of the online-kNN sets (0 when none is labelled: a parquet
+        source without ``data.label_column``), which rank 0 decodes and sends to the others.
+        Collective: every rank calls it. A class missing from the kNN sets, and so from the
+        probe, is left out of the probe's training (``OnlineProbe``)."""
+        classes = _classes(torch.cat([s.labels for s in self.knn_sets()])) if self.rank == 0 else 0
+        return sum_over_ranks(classes)
+
+
+def _classes(labels: torch.Tensor) -> int:
+    return int(labels.max()) + 1 if len(labels) and bool((labels >= 0).any()) else 0
 
 
 def _collect(iterator) -> ImageDataset:

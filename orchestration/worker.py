@@ -4,6 +4,10 @@ Everything a worker needs arrives in ``config`` (the validated experiment as a d
 prototype actor's handle); rank and world size come from ``ray.train.get_context()``; the only
 way out is ``ray.train.report``. Read it top to bottom: set-up, resume, then per epoch an
 optional E-step through the actor, one pass over this rank's shard, a report with a checkpoint.
+
+The online linear probe (``methods.online_probe``) rides along where the data has labels: every
+rank trains the same one on its shard's batches (its gradients all-reduced), rank 0 scores it on
+the hold-out slice beside the online kNN and saves it in the checkpoint.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from methods.base import Batch
 from methods.batchnorm import broadcast_batchnorm_stats
 from methods.clustering import Prototypes
 from methods.evaluation import knn_accuracy
+from methods.online_probe import OnlineProbe, embedding_dim
 from methods.training import (
     NonFiniteLossError,
     all_ranks,
@@ -84,6 +89,7 @@ def train_loop(config: dict) -> None:
                                               parallel_strategy_kwargs={"broadcast_buffers": False})
     o = cfg.optim
     optimizer, scheduler = make_optimizer(method, o.training(), shard.steps, o.epochs)
+    probe = _make_probe(cfg, shard, method, device)
 
     # --- resume from the latest checkpoint after a failure (all ranks restart together)
     start_epoch, prototypes = 0, None
@@ -96,6 +102,8 @@ def train_loop(config: dict) -> None:
         method.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if probe is not None and state.get("probe"):  # older checkpoints have none: a fresh one
+            probe.load_checkpoint_state(state["probe"])
         method.generator.manual_seed(cfg.seed * 1000 + rank + 7919 * state["epoch"])
         start_epoch = state["epoch"] + 1
         if state["prototypes"]:
@@ -133,7 +141,8 @@ def train_loop(config: dict) -> None:
         try:
             metrics.update(train_epoch(method, batches, shard.steps, optimizer, scheduler, epoch,
                                        active.on_device(device) if active else None, device, model,
-                                       total_epochs=cfg.optim.epochs, precision=o.precision))
+                                       total_epochs=cfg.optim.epochs, precision=o.precision,
+                                       probe=probe))
         except NonFiniteLossError as exc:  # every rank raises at the same step (all_ranks)
             ray.train.report({"epoch": epoch, "stopped": str(exc)})
             return
@@ -143,32 +152,65 @@ def train_loop(config: dict) -> None:
         metrics["images_trained"] = sum_over_ranks(len(trained))
         metrics["repeated_images"] = sum_over_ranks(len(trained) - len(trained.unique()))
 
-        # --- report: metrics from every rank; the checkpoint and online kNN from rank 0, plus
-        # each rank's own file where the method keeps per-rank state (Ray merges the files)
+        # --- report: metrics from every rank; the checkpoint, online kNN and probe from rank 0,
+        # plus each rank's own file where the method keeps per-rank state (Ray merges the files)
         if rank == 0:
-            metrics["knn_holdout"] = _online_knn(method, *shard.knn_sets(), device)
+            metrics.update(_online_scores(method, probe, *shard.knn_sets(), device))
         own = method.rank_state()
         if rank == 0 or own is not None:
             with tempfile.TemporaryDirectory() as directory:
                 if rank == 0:
                     save_state(Path(directory) / CHECKPOINT_FILE, method, optimizer, scheduler,
-                               epoch, active, config["experiment"])
+                               epoch, active, config["experiment"],
+                               probe.checkpoint_state() if probe is not None else None)
                 if own is not None:
                     save_rank_state(Path(directory), rank, world, own)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
         else:
             ray.train.report(metrics)
+        _dump_probe(config.get("faults"), rank, probe)
         _inject_kill(config.get("faults"), epoch, rank)
+
+
+def _make_probe(cfg: ExperimentConfig, shard: MemoryShard | StreamShard, method, device
+                ) -> OnlineProbe | None:
+    """The online linear probe, the same on every rank (one seed), or None: switched off
+    (``optim.online_probe``), no hold-out slice to score it on, or fewer than two classes
+    labelled (every rank takes the same branch: ``shard.num_classes`` agrees across ranks)."""
+    if not cfg.optim.online_probe or cfg.data.knn_holdout == 0:
+        return None
+    classes = shard.num_classes()
+    if classes < 2:
+        return None
+    dim = embedding_dim(method, shard.in_channels, shard.image_size, device)
+    return OnlineProbe(dim, classes, seed=cfg.seed, device=device)
+
+
+def _online_scores(method, probe: OnlineProbe | None, bank, holdout, device) -> dict[str, float]:
+    """``knn_holdout``: weighted kNN accuracy of the hold-out slice against a fixed sample of
+    training images; with a probe, ``probe_holdout``: its accuracy on the same slice, from the
+    same encoding (``embed`` in eval mode, at the images' own size)."""
+    if len(holdout) == 0:
+        return {"knn_holdout": float("nan")}
+    bank_x = encode(method.embed, bank.images, method, device=device, native_size=True)
+    hold_x = encode(method.embed, holdout.images, method, device=device, native_size=True)
+    scores = {"knn_holdout": knn_accuracy(bank_x, bank.labels.numpy(), hold_x,
+                                          holdout.labels.numpy(), k=min(200, len(bank)))}
+    if probe is not None:
+        scores["probe_holdout"] = probe.accuracy(torch.from_numpy(hold_x), holdout.labels)
+    return scores
 
 
 def _online_knn(method, bank, holdout, device) -> float:
     """Weighted kNN accuracy of the hold-out slice against a fixed sample of training images."""
-    if len(holdout) == 0:
-        return float("nan")
-    bank_x = encode(method.embed, bank.images, method, device=device, native_size=True)
-    hold_x = encode(method.embed, holdout.images, method, device=device, native_size=True)
-    return knn_accuracy(bank_x, bank.labels.numpy(), hold_x, holdout.labels.numpy(),
-                        k=min(200, len(bank)))
+    return _online_scores(method, None, bank, holdout, device)["knn_holdout"]
+
+
+def _dump_probe(faults: dict | None, rank: int, probe: OnlineProbe | None) -> None:
+    """Test hook: with ``faults["probe_dir"]``, every rank writes its probe's weights there
+    (``probe_rank_<r>.pt``) after each report, so a test can check the ranks agree."""
+    if faults and faults.get("probe_dir") and probe is not None:
+        torch.save(probe.state_dict(), Path(faults["probe_dir"]) / f"probe_rank_{rank}.pt")
 
 
 def _recorded(batches: Iterator[Batch], seen: list[torch.Tensor]) -> Iterator[Batch]:

@@ -44,7 +44,9 @@ class BYOL(Method):
 
     def training_step(self, batch: Batch, prototypes=None) -> tuple[torch.Tensor, dict[str, float]]:
         x0, x1 = self.view(batch.images), self.view(batch.images)
-        z0, z1 = self.online(x0), self.online(x1)
+        # self.online is (backbone, projection); called in two steps to expose view 0's feature
+        z0 = self.projection(self.expose(self.backbone(x0)))
+        z1 = self.online(x1)
         p0, p1 = self.predictor(z0), self.predictor(z1)
         with torch.no_grad():
             t0, t1 = self.target(x0), self.target(x1)

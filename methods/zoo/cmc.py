@@ -50,8 +50,9 @@ class CMC(Method):
         # kNN below its value at initialisation; benchmarks/RESULTS.md)
         v1 = split_views(self.view(batch.images), self.views)[0]
         v2 = split_views(self.view(batch.images), self.views)[1]
-        z1 = self.heads[0](self.encoders[0](v1))
-        z2 = self.heads[1](self.encoders[1](v2))
+        h1, h2 = self.encoders[0](v1), self.encoders[1](v2)
+        self.expose(torch.cat([h1, h2], dim=1))  # what embed returns, from the two views
+        z1, z2 = self.heads[0](h1), self.heads[1](h2)
         if self.banks is None:
             loss = cross_view_info_nce(z1, z2, self.temperature, gather=self.gather_distributed)
             return loss, {}

@@ -155,6 +155,7 @@ class CPC(Method):
 
     def training_step(self, batch: Batch, prototypes=None) -> tuple[torch.Tensor, dict[str, float]]:
         z = self.augmented_patch_codes(batch.images)  # [B, G, G, D]
+        self.expose(z.mean(dim=(1, 2)))  # embed's grid mean, here of the augmented patches
         c = self.context(z.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # [B, G, G, D]
         predictions = torch.stack([w(c) for w in self.predictors])  # [K, B, G, G, D]
         groups = range(0, len(z), self.group)

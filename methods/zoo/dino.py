@@ -62,7 +62,9 @@ class DINO(Method):
         x = torch.cat([self.view(batch.images) for _ in range(2)])
         with torch.no_grad():
             teacher = list(self.teacher(x).chunk(2))
-        student = list(self.student(x).chunk(2))
+        h = self.backbone(x)  # self.student is (backbone, head), split to expose view 0's feature
+        self.expose(h[: len(batch.images)])
+        student = list(self.head(h).chunk(2))
         if self.num_local_crops:
             local = self.local_views(batch.images, self.num_local_crops, self.local_size_ratio)
             student += list(self.student(local).chunk(self.num_local_crops))

@@ -149,6 +149,7 @@ class ICLMSR(Method):
         gen = self.generator
         before_views = gen.get_state()
         h0, h1 = self.base.pair_features(batch)
+        self.expose(h0)
         before_loss = gen.get_state()
         loss_ct, metrics = self.base.pair_loss(h0, h1, batch, prototypes)
         after = gen.get_state()

@@ -49,7 +49,8 @@ class InstDisc(Method):
         self.num_samples = num_samples
 
     def training_step(self, batch: Batch, prototypes=None) -> tuple[torch.Tensor, dict[str, float]]:
-        f = F.normalize(self.head(self.backbone(self.view(batch.images))), dim=1)  # [B, D]
+        h = self.expose(self.backbone(self.view(batch.images)))
+        f = F.normalize(self.head(h), dim=1)  # [B, D]
         positive = (f * self.bank.lookup(batch.indices)).sum(dim=1) / self.temperature  # [B]
         negatives = f @ self.bank.sample(self.num_negatives, self.generator).T / self.temperature
         loss = nce_loss(positive, negatives, self.log_z(positive, negatives), self.num_samples)

@@ -44,7 +44,9 @@ class MoCoV3(Method):
 
     def training_step(self, batch: Batch, prototypes=None) -> tuple[torch.Tensor, dict[str, float]]:
         x0, x1 = self.view(batch.images), self.view(batch.images)
-        q0, q1 = self.predictor(self.online(x0)), self.predictor(self.online(x1))
+        # self.online is (backbone, projection); called in two steps to expose view 0's feature
+        q0 = self.predictor(self.projection(self.expose(self.backbone(x0))))
+        q1 = self.predictor(self.online(x1))
         with torch.no_grad():
             k0, k1 = self.momentum_encoder(x0), self.momentum_encoder(x1)
         loss = info_nce_in_batch(q0, k1, self.temperature) + info_nce_in_batch(q1, k0, self.temperature)

@@ -47,6 +47,7 @@ class SelfCon(Method):
         b = len(batch.images)
         x = torch.cat([self.view(batch.images) for _ in range(num_views)])  # [V*B, C, S, S]
         h, h_sub = self.encoder(x)  # one backbone pass for every view
+        self.expose(h[:b])
         z = self.projection(h).view(num_views, b, -1).transpose(0, 1)  # [B, V, D]
         z_sub = self.sub_projection(h_sub).view(num_views, b, -1).transpose(0, 1)
         loss = selfcon([z_sub, z], batch_labels(batch, self.supervised), self.temperature,

@@ -31,7 +31,8 @@ class SimSiam(Method):
         self.predictor = projection_mlp(proj_dim, pred_hidden_dim, proj_dim, batch_norm=True)
 
     def training_step(self, batch: Batch, prototypes=None) -> tuple[torch.Tensor, dict[str, float]]:
-        z0, z1 = (self.projection(self.backbone(self.view(batch.images))) for _ in range(2))
+        z0 = self.projection(self.expose(self.backbone(self.view(batch.images))))
+        z1 = self.projection(self.backbone(self.view(batch.images)))
         p0, p1 = self.predictor(z0), self.predictor(z1)
         loss = 0.5 * negative_cosine(p0, z1) + 0.5 * negative_cosine(p1, z0)
         return loss, {"embedding_std": embedding_std(torch.cat([z0, z1]))}

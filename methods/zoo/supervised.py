@@ -33,7 +33,7 @@ class Supervised(Method):
         if int(labels.max()) >= self.num_classes:
             raise ValueError(f"the batch has label {int(labels.max())} but method.num_classes is "
                              f"{self.num_classes}; set method.num_classes to the number of classes")
-        logits = self.classifier(self.backbone(self.view(batch.images)))
+        logits = self.classifier(self.expose(self.backbone(self.view(batch.images))))
         loss = F.cross_entropy(logits.float(), labels)
         accuracy = (logits.argmax(1) == labels).float().mean()
         return loss, {"loss_ce": loss.item(), "train_accuracy": accuracy.item()}

@@ -55,20 +55,23 @@ class SwAV(Method):
         w = self.prototypes.weight
         return w.detach() + 0 * w if int(self.steps_done) < self.freeze_prototypes_steps else w
 
-    def scores(self, x: torch.Tensor, crops: int) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """Per crop the prototype scores ``[B, K]``, and the normalised projections ``[crops*B, D]``."""
-        z = F.normalize(self.projection(self.backbone(x)), dim=1)
+    def scores(self, h: torch.Tensor, crops: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Per crop the prototype scores ``[B, K]``, and the normalised projections ``[crops*B, D]``,
+        of backbone features ``h`` ``[crops*B, C]``."""
+        z = F.normalize(self.projection(h), dim=1)
         return list((z @ self.prototype_weight().T).chunk(crops)), z
 
     def training_step(self, batch: Batch, prototypes=None) -> tuple[torch.Tensor, dict[str, float]]:
         with torch.no_grad():  # prototypes stay on the unit sphere (sec. 4, implementation)
             self.prototypes.weight.copy_(F.normalize(self.prototypes.weight, dim=1))
         images = torch.cat([self.view(batch.images) for _ in range(2)])
-        global_scores, z = self.scores(images, 2)
+        h = self.backbone(images)
+        self.expose(h[: len(batch.images)])
+        global_scores, z = self.scores(h, 2)
         local_scores = []
         if self.num_local_crops:
             x = self.local_views(batch.images, self.num_local_crops, self.local_size_ratio)
-            local_scores = self.scores(x, self.num_local_crops)[0]
+            local_scores = self.scores(self.backbone(x), self.num_local_crops)[0]
         queue_scores = None
         if self.queue.shape[1]:
             if int(self.queued) >= self.queue.shape[1]:
