@@ -6,6 +6,7 @@ distributed runs. Its result is plain numpy so it can go through Ray's object st
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -146,19 +147,36 @@ def assign(features: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.
 SUMS_CHUNK = 65536  # rows per step: the float64 copy stays small however large the shard
 
 
-def shard_sums(features: np.ndarray, centroids: np.ndarray) -> tuple[ClusterSums, np.ndarray]:
+def _nearest_torch(centroids: torch.Tensor, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``_nearest`` as one matmul on ``centroids``' device (a worker's GPU):
+    ||x - c||^2 = ||x||^2 - 2 x.c + ||c||^2, clamped at 0 against rounding."""
+    x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32)).to(centroids.device)
+    sq = (x * x).sum(1, keepdim=True) - 2 * x @ centroids.T + (centroids * centroids).sum(1)
+    sq_dist, ids = sq.clamp_min_(0).min(dim=1)
+    return ids.cpu().numpy(), sq_dist.cpu().numpy()
+
+
+def shard_sums(features: np.ndarray, centroids: np.ndarray, device: str | torch.device = "faiss"
+               ) -> tuple[ClusterSums, np.ndarray]:
     """This shard's ``ClusterSums`` against ``centroids`` ``[K, D]``, and its points' ids,
-    computed ``SUMS_CHUNK`` rows at a time."""
-    index, (k, d) = _flat_index(centroids), centroids.shape
+    computed ``SUMS_CHUNK`` rows at a time. ``device``: ``"faiss"`` (an exact faiss search on
+    the CPU) or a torch device such as ``"cuda"`` (a matmul there)."""
+    k, d = centroids.shape
+    if device == "faiss":
+        index = _flat_index(centroids)
+        nearest = functools.partial(_nearest, index)
+    else:
+        on_device = torch.from_numpy(np.ascontiguousarray(centroids, dtype=np.float32)).to(device)
+        nearest = functools.partial(_nearest_torch, on_device)
     sums = torch.zeros(k, d, dtype=torch.float64)
     counts, dist_sums = np.zeros(k, dtype=np.int64), np.zeros(k)
     ids, objective = np.empty(len(features), dtype=np.int64), 0.0
     for start in range(0, len(features), SUMS_CHUNK):
-        part = features[start : start + SUMS_CHUNK]
-        part_ids, sq_dist = _nearest(index, part)
+        part = np.ascontiguousarray(features[start : start + SUMS_CHUNK])
+        part_ids, sq_dist = nearest(part)
         ids[start : start + len(part)] = part_ids
         # index_add_ rather than np.add.at: the same float64 sums, a fraction of the time
-        sums.index_add_(0, torch.from_numpy(part_ids), torch.from_numpy(np.ascontiguousarray(part)).double())
+        sums.index_add_(0, torch.from_numpy(part_ids), torch.from_numpy(part).double())
         counts += np.bincount(part_ids, minlength=k)
         dist_sums += np.bincount(part_ids, weights=np.sqrt(np.maximum(sq_dist, 0)), minlength=k)
         objective += float(sq_dist.astype(np.float64).sum())

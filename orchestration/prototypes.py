@@ -215,11 +215,12 @@ def gathered_prototypes(exchange: Exchange, epoch: int, indices: np.ndarray,
 
 def sharded_prototypes(exchange: Exchange, epoch: int, rank: int, indices: np.ndarray,
                        features: np.ndarray, num_samples: int, num_clusters: list[int],
-                       seed: int, niter: int, nredo: int) -> Prototypes:
+                       seed: int, niter: int, nredo: int, device: str = "faiss") -> Prototypes:
     """The sharded strategy, run identically on every rank: k-means over every rank's features
     with only K x D numbers exchanged per round. Like faiss, the iterations see a seeded sample
     of at most ``MAX_POINTS_PER_CENTROID`` K points (``training_mask``) and restarts keep the
-    lowest objective. Returns Prototypes whose assignments cover this rank's ``indices`` only."""
+    lowest objective. Returns Prototypes whose assignments cover this rank's ``indices`` only.
+    ``device``: where this rank assigns its points (``shard_sums``: faiss, or its GPU)."""
     start = time.perf_counter()
     if np.any(np.diff(indices) <= 0):  # sorted already when shards are r, r + W, ...: no copy
         order = np.argsort(indices)
@@ -237,13 +238,13 @@ def sharded_prototypes(exchange: Exchange, epoch: int, rank: int, indices: np.nd
             centroids = exchange(("init", epoch, i, redo), (mine, rows))
             objective = float("inf")
             for it in range(niter):
-                sums, _ = shard_sums(sample, centroids)
+                sums, _ = shard_sums(sample, centroids, device)
                 # the centroids every rank holds travel once, from rank 0
                 lead = centroids if rank == 0 else None
                 centroids, objective = exchange(("iter", epoch, i, redo, it), (sums, lead))
             if objective < best_objective:
                 best, best_objective = centroids, objective
-        sums, ids = shard_sums(features, best)
+        sums, ids = shard_sums(features, best, device)
         unit, phi, encoded = exchange(("final", epoch, i), (sums, best if rank == 0 else None))
         centroids_out.append(unit)
         density.append(phi)

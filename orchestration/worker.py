@@ -125,8 +125,9 @@ def train_loop(config: dict) -> None:
             if choose_strategy(c.strategy, n, features.shape[1]) == "gather":
                 prototypes = gathered_prototypes(exchange, epoch, indices, features, n)
             else:  # the features stay here; only K x D sums travel, round by round
-                prototypes = sharded_prototypes(exchange, epoch, rank, indices, features, n,
-                                                c.num_clusters, cfg.seed, c.niter, c.nredo)
+                prototypes = sharded_prototypes(
+                    exchange, epoch, rank, indices, features, n, c.num_clusters, cfg.seed,
+                    c.niter, c.nredo, device=device if device.type == "cuda" else "faiss")
             del features
             metrics["estep_s"] = time.perf_counter() - start
             metrics["estep_wait_s"] = time.perf_counter() - waited

@@ -202,3 +202,19 @@ def test_shard_sums_in_chunks_equal_one_pass(monkeypatch):
     np.testing.assert_allclose(chunked.sums, whole.sums, rtol=1e-12)
     np.testing.assert_allclose(chunked.dist_sums, whole.dist_sums, rtol=1e-12)
     assert math.isclose(chunked.objective, whole.objective, rel_tol=1e-9)
+
+
+def test_shard_sums_by_torch_matmul_equal_faiss():
+    """The GPU path (a torch matmul on the worker's device), run here on the CPU, gives faiss's
+    assignments and statistics."""
+    from methods.clustering import shard_sums
+
+    x = np.random.default_rng(1).normal(size=(3000, 16)).astype(np.float32)
+    centroids = x[:50].copy()
+    by_faiss, ids = shard_sums(x, centroids)
+    by_torch, torch_ids = shard_sums(x, centroids, device="cpu")
+    np.testing.assert_array_equal(torch_ids, ids)
+    np.testing.assert_array_equal(by_torch.counts, by_faiss.counts)
+    np.testing.assert_allclose(by_torch.sums, by_faiss.sums, rtol=1e-12)
+    np.testing.assert_allclose(by_torch.dist_sums, by_faiss.dist_sums, rtol=1e-4)
+    assert math.isclose(by_torch.objective, by_faiss.objective, rel_tol=1e-4)
