@@ -49,10 +49,11 @@ PLACEMENT = ["--set", "clustering.actor_resources={prototype_actor: 1}",
 
 
 def head_pss_mb(temp_dir: str) -> float:
-    """Summed PSS in MB of the processes naming ``temp_dir`` and all their descendants."""
+    """Summed PSS in MB of the processes naming a path under ``temp_dir`` (the worker nodes' temp
+    dirs only share its prefix) and all their descendants."""
     roots = []
     for proc in psutil.process_iter(["cmdline"]):
-        if temp_dir in " ".join(proc.info["cmdline"] or []):
+        if f"{temp_dir}/" in " ".join(proc.info["cmdline"] or []):
             roots.append(proc)
     seen: dict[int, psutil.Process] = {}
     for proc in roots:
