@@ -248,15 +248,17 @@ def decode_units(units: dict[str, np.ndarray], size: int, channels: int,
 def write_image_folder(images: np.ndarray, labels: np.ndarray, classes: tuple[str, ...],
                        out: str | Path, size: int | None = None, rgb: bool = False,
                        repeat: int = 1) -> Path:
-    """Write uint8 ``images`` [N, C, H, W] as ``out/<label>-<class>/<n>.png`` (``repeat`` copies
+    """Write uint8 ``images`` [N, C, H, W] as ``out/<label>-<class>/<n>.png`` (``out/<label>/``
+    where the class name is the label itself) (``repeat`` copies
     under new names, ``rgb`` turns grayscale into 3 equal channels, ``size`` resizes). Returns
     ``out``."""
 
     out = Path(out)
     # numbered, so that the sorted folder names give back the label ids
     count = len(classes) or int(labels.max()) + 1
-    names = [f"{i:0{len(str(count - 1))}d}-{classes[i].replace('/', '-') if classes else i}"
-             for i in range(count)]
+    width = len(str(count - 1))
+    names = [f"{i:0{width}d}" + (f"-{classes[i].replace('/', '-')}"
+                                 if classes and classes[i] != str(i) else "") for i in range(count)]
     for name in names:
         (out / name).mkdir(parents=True, exist_ok=True)
     for n, (image, label) in enumerate(zip(images, labels, strict=True)):

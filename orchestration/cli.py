@@ -92,7 +92,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def print_metrics(metrics: dict[str, float]) -> None:
     names = ("knn", "linear", "ami", "nmi", "ari")
-    print(f"{'':12}" + "".join(f"{n:>9}" for n in names))
+    print(f"{'features':12}" + "".join(f"{n:>9}" for n in names))
     for prefix, label in (("test_", "encoder"), ("pixels_", "raw pixels")):
         if f"{prefix}knn" in metrics:
             print(f"{label:12}" + "".join(f"{metrics[prefix + n]:9.4f}" for n in names))
@@ -173,8 +173,10 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    from orchestration.console import quiet_libraries
     from orchestration.export import export
 
+    quiet_libraries(verbose=False)
     done = export(args.source, Path(args.to), args.tracking_uri)
     d = done.description
     shape = f"{d['input']['channels']}x{d['input']['size']}x{d['input']['size']}"
@@ -189,8 +191,11 @@ def _write_dataset(args: argparse.Namespace) -> int:
 
     out = write_dataset(args.name, args.out, args.format, args.size, args.rgb, args.repeat,
                         args.limit)
+    from orchestration.config import KNOWN_SHAPES
+
+    side = args.size or KNOWN_SHAPES[args.name][1]  # else trained at data.image_size's default
     print(f"wrote {out}/train and {out}/val; train on it with --set data.name={args.format} "
-          f"data.root={out}")
+          f"data.root={out} data.image_size={side}")
     return 0
 
 

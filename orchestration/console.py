@@ -8,6 +8,7 @@ never talks to the workers (data flows one way) and an epoch is printed once, as
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import warnings
 
@@ -27,6 +28,9 @@ def quiet_libraries(verbose: bool) -> None:
         warnings.filterwarnings("ignore", category=category)
     for name in ("mlflow", "ray", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # protoray chose pickle for the encoder model (see tracking.log_encoder): no warning about it
+    logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     # Ray says on every start that token authentication is on (its default); the warning that it
     # is off stays
     logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(
@@ -69,6 +73,10 @@ class EpochPrinter:
         self._thread = threading.Thread(target=self._loop, daemon=True, name="epoch-printer")
 
     def __enter__(self) -> EpochPrinter:
+        # a resumed run's earlier epochs were printed by the process that trained them
+        self.printed = set(epoch_history(self.client, self.run_id, EPOCH_KEYS))
+        if self.printed:
+            print(f"resuming after epoch {max(self.printed) + 1}/{self.epochs}", flush=True)
         self._thread.start()
         return self
 

@@ -186,15 +186,18 @@ def train(cfg: ExperimentConfig, address: str | None = None, evaluate: bool = Tr
         run_id = run.info.run_id
         run_all = functools.partial(execute, cfg, run_id, tracking_uri, evaluate=evaluate,
                                     faults=faults, tables=tables, resumed=bool(resume_run_id))
+        epochs = f"{cfg.optim.epochs} epoch{'s' if cfg.optim.epochs != 1 else ''}"
         print(f"MLflow run {run_id} ({name}): {cfg.scaling.num_workers} workers, "
-              f"{cfg.optim.epochs} epochs{'; resumed' if resume_run_id else ''}; if this process "
+              f"{epochs}{'; resumed' if resume_run_id else ''}; if this process "
               f"dies: protoray train --resume {run_id} --tracking-uri {tracking_uri}", flush=True)
         try:
             if verbose:
                 return run_all()
             with EpochPrinter(tracking_uri, run_id, cfg.optim.epochs):
                 return run_all()
-        except KeyboardInterrupt:
+        # Ctrl-C: Train V2's own SIGINT handler aborts the run and calls sys.exit(0) inside
+        # fit(); before fit() starts it is a KeyboardInterrupt
+        except (KeyboardInterrupt, SystemExit):
             raise RunInterrupted(run_id, tracking_uri) from None
 
 

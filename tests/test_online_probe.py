@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from mlflow.tracking import MlflowClient
 
 from methods.online_probe import OnlineProbe, embedding_dim, probe_features
 from methods.training import encode, epoch_batches, make_optimizer, memory_batches, train_epoch
@@ -163,23 +162,3 @@ def test_fallback_forward_leaves_batchnorm_statistics_alone():
     features = probe_features(method, splits.train.images[:BATCH])  # nothing exposed yet
     assert features.shape[0] == BATCH and method.training
     assert all(torch.equal(before[k], v) for k, v in method.state_dict().items())
-
-
-@pytest.mark.slow
-def test_two_workers_log_probe_holdout_with_identical_probes(ray_cluster, tiny_config, tmp_path):
-    from orchestration.run import train
-
-    cfg = tiny_config("optim.epochs=2", "method.warmup_epochs=2")  # no E-step: seconds faster
-    summary = train(cfg, evaluate=False, faults={"probe_dir": str(tmp_path)})
-    client = MlflowClient(summary.tracking_uri)
-    history = sorted((m.step, m.value)
-                     for m in client.get_metric_history(summary.run_id, "probe_holdout"))
-    assert [step for step, _ in history] == [0, 1]
-    assert all(0.1 < value <= 1.0 for _, value in history)
-    assert client.get_metric_history(summary.run_id, "probe_loss")
-
-    ranks = [torch.load(tmp_path / f"probe_rank_{r}.pt", weights_only=True) for r in (0, 1)]
-    state = torch.load(Path(summary.checkpoint) / "state.pt", weights_only=True)
-    for key, value in ranks[0].items():
-        assert torch.equal(value, ranks[1][key]), f"rank 1's probe {key} differs from rank 0's"
-        assert torch.equal(value, state["probe"]["model"][key])  # what a resumed run restores

@@ -30,8 +30,8 @@ def _artifacts(summary) -> set[str]:
     return out
 
 
-def test_pcl_two_workers_share_prototypes_and_log_everything(ray_cluster, tiny_config):
-    summary = train(tiny_config())
+def test_pcl_two_workers_share_prototypes_and_log_everything(ray_cluster, tiny_config, tmp_path):
+    summary = train(tiny_config(), faults={"probe_dir": str(tmp_path)})
 
     # every epoch after the warm-up: one E-step, one ObjectRef, fetched by both ranks
     assert sorted(summary.estep_log) == [1, 2]
@@ -55,6 +55,15 @@ def test_pcl_two_workers_share_prototypes_and_log_everything(ray_cluster, tiny_c
     protos = Prototypes.from_state_dict(state["prototypes"])
     assert protos.num_clusters == [20, 40] and protos.epoch == 2
     assert np.isclose(protos.density[0].mean(), 0.2, atol=1e-5)
+
+    # the online linear probe: logged every epoch, the same on both ranks and in the checkpoint
+    probe = _history(summary, "probe_holdout")
+    assert [step for step, _ in probe] == [0, 1, 2] and all(0.1 < v <= 1.0 for _, v in probe)
+    assert _history(summary, "probe_loss")
+    ranks = [torch.load(tmp_path / f"probe_rank_{r}.pt", weights_only=True) for r in (0, 1)]
+    for key, value in ranks[0].items():
+        assert torch.equal(value, ranks[1][key]), f"rank 1's probe {key} differs from rank 0's"
+        assert torch.equal(value, state["probe"]["model"][key])  # what a resumed run restores
 
 
 def test_eval_cli_reads_a_checkpoint_directory_with_the_sgd_protocol(ray_cluster, tiny_config,
