@@ -59,9 +59,9 @@ def _run_checkpoint(run_id: str, tracking_uri: str, dest: Path) -> Path:
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    prefix = "sqlite:///"
-    if tracking_uri.startswith(prefix) and not Path(tracking_uri[len(prefix):]).is_file():
-        # MLflow would create an empty store there and then not find the run
+    from orchestration.tracking import missing_sqlite_store
+
+    if missing_sqlite_store(tracking_uri):
         raise ValueError(f"no MLflow store at {tracking_uri} to look up run {run_id}; pass the "
                          "store the run was logged to with --tracking-uri (or MLFLOW_TRACKING_URI)")
     try:

@@ -97,10 +97,7 @@ def check_cluster(cfg: ExperimentConfig) -> None:
     at most ``CONTROLLER_FAILURE_LIMIT`` worker-group start timeouts)."""
     s = cfg.scaling
     nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
-    asked = [("clustering.actor_resources", cfg.clustering.actor_resources, 1)] if (
-        cfg.method.schedule() is not None) else []
-    asked.append(("scaling.worker_resources", s.worker_resources, s.num_workers))
-    for field_name, wanted, copies in asked:
+    for field_name, wanted, copies in _asked_resources(cfg):
         for name, amount in wanted.items():
             slots = sum(int(node.get(name, 0) // amount) for node in nodes)
             if slots < copies:
@@ -115,12 +112,20 @@ def check_cluster(cfg: ExperimentConfig) -> None:
               f"{CONTROLLER_FAILURE_LIMIT} worker-group start timeouts)", file=sys.stderr)
 
 
+def _asked_resources(cfg: ExperimentConfig) -> list[tuple[str, dict[str, float], int]]:
+    """(config field, custom resources, copies) one run asks for: the prototype actor's once
+    (for methods that cluster), each Train worker's ``num_workers`` times."""
+    asked = [("clustering.actor_resources", cfg.clustering.actor_resources, 1)] if (
+        cfg.method.schedule() is not None) else []
+    return [*asked, ("scaling.worker_resources", cfg.scaling.worker_resources,
+                     cfg.scaling.num_workers)]
+
+
 def custom_resources(cfg: ExperimentConfig, runs: int = 1) -> dict[str, float]:
     """The custom Ray resources ``runs`` concurrent runs ask for at most: what an embedded
     cluster's node offers so that a config written for a cluster runs on this machine too."""
     total: dict[str, float] = {}
-    actor = cfg.clustering.actor_resources if cfg.method.schedule() is not None else {}
-    for wanted, copies in ((actor, 1), (cfg.scaling.worker_resources, cfg.scaling.num_workers)):
+    for _, wanted, copies in _asked_resources(cfg):
         for name, amount in wanted.items():
             total[name] = total.get(name, 0) + runs * copies * amount
     return total
@@ -282,13 +287,13 @@ def execute(cfg: ExperimentConfig, run_id: str, tracking_uri: str, evaluate: boo
         raise TrainingStopped(f"{stopped}; last good checkpoint: "
                               f"{checkpoint_dir or 'none (stopped in the first epoch)'}")
     metrics: dict[str, float] = {}
-    if result.checkpoint:
-        with result.checkpoint.as_directory() as directory:
-            tracking.log_encoder(run_id, Path(directory) / CHECKPOINT_FILE)
-    if evaluate and result.checkpoint:
+    if result.checkpoint:  # one copy of the checkpoint for the MLflow model and the evaluation
         with result.checkpoint.as_directory() as directory, tempfile.TemporaryDirectory() as out:
-            metrics, plots = evaluate_checkpoint(Path(directory) / CHECKPOINT_FILE, Path(out), cfg)
-            final = Path(out) / "final_checkpoint.pt"
-            shutil.copy(Path(directory) / CHECKPOINT_FILE, final)
-            tracking.log_evaluation(run_id, metrics, plots, final)
+            state = Path(directory) / CHECKPOINT_FILE
+            tracking.log_encoder(run_id, state)
+            if evaluate:
+                metrics, plots = evaluate_checkpoint(state, Path(out), cfg)
+                final = Path(out) / "final_checkpoint.pt"
+                shutil.copy(state, final)
+                tracking.log_evaluation(run_id, metrics, plots, final)
     return RunSummary(run_id, tracking_uri, metrics, checkpoint_dir, estep_log)

@@ -96,6 +96,13 @@ def log_run_start(run_id: str, cfg: ExperimentConfig, loader: str = "memory",
     _log_dataset(run_id, cfg)
 
 
+def missing_sqlite_store(tracking_uri: str) -> bool:
+    """True for a ``sqlite:///`` URI whose file does not exist: MLflow would create an empty
+    store there and then not find the run a command names."""
+    prefix = "sqlite:///"
+    return tracking_uri.startswith(prefix) and not Path(tracking_uri[len(prefix):]).is_file()
+
+
 def resumable_run(tracking_uri: str, run_id: str) -> tuple[ExperimentConfig, str, str]:
     """(config, storage path, experiment name) of run ``run_id`` for ``protoray train --resume``.
     ``ConfigError`` (one line) for a run that is not in the store, has finished, or was not
@@ -105,8 +112,7 @@ def resumable_run(tracking_uri: str, run_id: str) -> tuple[ExperimentConfig, str
 
     from orchestration.config import ConfigError, build_config
 
-    prefix = "sqlite:///"
-    if tracking_uri.startswith(prefix) and not Path(tracking_uri[len(prefix):]).is_file():
+    if missing_sqlite_store(tracking_uri):
         raise ConfigError(f"--resume {run_id}: no MLflow store at {tracking_uri}; pass the run's "
                           "store with --tracking-uri (or MLFLOW_TRACKING_URI)")
     client = MlflowClient(tracking_uri)
