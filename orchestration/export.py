@@ -33,7 +33,6 @@ from orchestration.config import (
 )
 
 RUN_ID = re.compile(r"(?:runs:/)?([0-9a-f]{32})/?")
-RUN_CHECKPOINT = "checkpoint/final_checkpoint.pt"  # where orchestration.tracking logs it
 SOURCE_HINT = ("give a state.pt / final_checkpoint.pt written by protoray train, its checkpoint "
                "directory or its MLflow run id")
 
@@ -50,33 +49,6 @@ class Loaded:
     cfg: ExperimentConfig
     channels: int  # the images it was evaluated on: channels x side x side
     side: int
-
-
-def _run_checkpoint(run_id: str, tracking_uri: str, dest: Path) -> Path:
-    """The run's final checkpoint, downloaded into ``dest``. ``ValueError`` (one line) for a
-    store that is not there, an unknown run or a run without the artifact."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    from orchestration.tracking import missing_sqlite_store
-
-    if missing_sqlite_store(tracking_uri):
-        raise ValueError(f"no MLflow store at {tracking_uri} to look up run {run_id}; pass the "
-                         "store the run was logged to with --tracking-uri (or MLFLOW_TRACKING_URI)")
-    try:
-        MlflowClient(tracking_uri).get_run(run_id)
-    except MlflowException:
-        raise ValueError(f"MLflow run {run_id} is not in {tracking_uri}; pass the store it was "
-                         "logged to with --tracking-uri") from None
-    try:
-        return Path(mlflow.artifacts.download_artifacts(
-            run_id=run_id, artifact_path=RUN_CHECKPOINT, dst_path=str(dest),
-            tracking_uri=tracking_uri))
-    except (MlflowException, OSError):
-        raise ValueError(f"MLflow run {run_id} has no {RUN_CHECKPOINT} artifact (runs trained "
-                         "without the final evaluation log none); export its Ray Train "
-                         "checkpoint directory instead") from None
 
 
 def load_checkpoint(path: Path) -> tuple[Loaded, dict[str, Any]]:
@@ -163,9 +135,12 @@ def export(source: str, out_dir: Path, tracking_uri: str | None = None) -> Expor
             path = checkpoint_file(path)
             origin: dict[str, Any] = {"checkpoint": str(path.resolve())}
         else:
+            # MLflow and Ray load only for a run id: exporting a file starts fast
+            from orchestration.tracking import RUN_CHECKPOINT, download_run_checkpoint
+
             run_id = match.group(1)
             uri = tracking_uri or TrackingSection().tracking_uri
-            path = _run_checkpoint(run_id, uri, Path(tmp))
+            path = download_run_checkpoint(run_id, uri, Path(tmp))
             origin = {"checkpoint": f"runs:/{run_id}/{RUN_CHECKPOINT}", "run_id": run_id,
                       "tracking_uri": uri}
         loaded, state = load_checkpoint(path)

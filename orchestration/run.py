@@ -27,6 +27,7 @@ from orchestration.checkpoints import CHECKPOINT_FILE
 from orchestration.config import STREAMED, ConfigError, ExperimentConfig
 from orchestration.console import EpochPrinter
 from orchestration.evaluate import evaluate_checkpoint
+from orchestration.export import load_checkpoint
 from orchestration.prototypes import PrototypeService
 from orchestration.streaming import stream_datasets
 from orchestration.worker import train_loop
@@ -290,7 +291,8 @@ def execute(cfg: ExperimentConfig, run_id: str, tracking_uri: str, evaluate: boo
     if result.checkpoint:  # one copy of the checkpoint for the MLflow model and the evaluation
         with result.checkpoint.as_directory() as directory, tempfile.TemporaryDirectory() as out:
             state = Path(directory) / CHECKPOINT_FILE
-            tracking.log_encoder(run_id, state)
+            loaded, _ = load_checkpoint(state)
+            tracking.log_encoder(run_id, loaded.method, loaded.channels, loaded.side)
             if evaluate:
                 metrics, plots = evaluate_checkpoint(state, Path(out), cfg)
                 final = Path(out) / "final_checkpoint.pt"

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import torch
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 from ray.train import UserCallback
@@ -25,6 +26,7 @@ from ray.train import UserCallback
 from orchestration.config import ExperimentConfig, to_yaml
 
 TRIAL_TAG = "protoray.trial_id"
+RUN_CHECKPOINT = "checkpoint/final_checkpoint.pt"  # where log_evaluation puts it
 
 
 def resolve_tracking_uri(uri: str) -> str:
@@ -103,6 +105,29 @@ def missing_sqlite_store(tracking_uri: str) -> bool:
     return tracking_uri.startswith(prefix) and not Path(tracking_uri[len(prefix):]).is_file()
 
 
+def download_run_checkpoint(run_id: str, tracking_uri: str, dest: Path) -> Path:
+    """The run's final checkpoint, downloaded into ``dest``. ``ValueError`` (one line) for a
+    store that is not there, an unknown run or a run without the artifact."""
+    from mlflow.exceptions import MlflowException
+
+    if missing_sqlite_store(tracking_uri):
+        raise ValueError(f"no MLflow store at {tracking_uri} to look up run {run_id}; pass the "
+                         "store the run was logged to with --tracking-uri (or MLFLOW_TRACKING_URI)")
+    try:
+        MlflowClient(tracking_uri).get_run(run_id)
+    except MlflowException:
+        raise ValueError(f"MLflow run {run_id} is not in {tracking_uri}; pass the store it was "
+                         "logged to with --tracking-uri") from None
+    try:
+        return Path(mlflow.artifacts.download_artifacts(
+            run_id=run_id, artifact_path=RUN_CHECKPOINT, dst_path=str(dest),
+            tracking_uri=tracking_uri))
+    except (MlflowException, OSError):
+        raise ValueError(f"MLflow run {run_id} has no {RUN_CHECKPOINT} artifact (runs trained "
+                         "without the final evaluation log none); export its Ray Train "
+                         "checkpoint directory instead") from None
+
+
 def resumable_run(tracking_uri: str, run_id: str) -> tuple[ExperimentConfig, str, str]:
     """(config, storage path, experiment name) of run ``run_id`` for ``protoray train --resume``.
     ``ConfigError`` (one line) for a run that is not in the store, has finished, or was not
@@ -173,24 +198,20 @@ def log_evaluation(run_id: str, metrics: dict, plots: list[Path], checkpoint: Pa
 ENCODER_MODEL = "encoder"  # mlflow.pytorch.load_model(f"runs:/{run_id}/encoder")
 
 
-def log_encoder(run_id: str, checkpoint: Path) -> None:
-    """The checkpoint's encoder as the run's MLflow model ``encoder``: a module from uint8 or
+def log_encoder(run_id: str, method: torch.nn.Module, channels: int, side: int) -> None:
+    """The trained method's encoder as the run's MLflow model ``encoder``: a module from uint8 or
     [0, 1] float images ``[B, C, H, W]`` to embeddings ``[B, D]`` (``methods.image_encoder``),
     with an input example and signature, and protoray's ``methods`` package as its code so
     it loads where protoray is not installed."""
     import mlflow.pytorch
     import numpy as np
-    import torch
     from mlflow.models import infer_signature
 
     import methods
     from methods.image_encoder import image_encoder
-    from orchestration.export import load_checkpoint
 
-    loaded, _ = load_checkpoint(checkpoint)
-    encoder = image_encoder(loaded.method, loaded.channels, loaded.side)
-    example = np.random.default_rng(0).integers(
-        0, 256, (2, loaded.channels, loaded.side, loaded.side), dtype=np.uint8)
+    encoder = image_encoder(method, channels, side)
+    example = np.random.default_rng(0).integers(0, 256, (2, channels, side, side), dtype=np.uint8)
     with torch.no_grad():
         output = encoder(torch.from_numpy(example)).numpy()
     active = mlflow.active_run()
