@@ -11,9 +11,21 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from methods.clustering import Prototypes
+from orchestration.config import load_config
 from orchestration.run import TrainingStopped, train
+from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def pcl_run(ray_cluster, tmp_path_factory):
+    """One run of the tiny PCL config (2 workers, 3 epochs, final evaluation) for the tests that
+    only read what it left: each Ray Train run costs tens of seconds on 2 cores."""
+    tmp = tmp_path_factory.mktemp("pcl")
+    cfg = load_config(ROOT / "configs" / "tiny_digits.yaml", [
+        f"tracking.tracking_uri=sqlite:///{tmp}/mlruns.db", f"tracking.storage_path={tmp}/ray"])
+    return train(cfg, faults={"probe_dir": str(tmp)}), tmp
 
 
 def _history(summary, key: str) -> list[tuple[int, float]]:
@@ -30,8 +42,8 @@ def _artifacts(summary) -> set[str]:
     return out
 
 
-def test_pcl_two_workers_share_prototypes_and_log_everything(ray_cluster, tiny_config, tmp_path):
-    summary = train(tiny_config(), faults={"probe_dir": str(tmp_path)})
+def test_pcl_two_workers_share_prototypes_and_log_everything(pcl_run):
+    summary, tmp_path = pcl_run
 
     # every epoch after the warm-up: one E-step, one ObjectRef, fetched by both ranks
     assert sorted(summary.estep_log) == [1, 2]
@@ -66,11 +78,10 @@ def test_pcl_two_workers_share_prototypes_and_log_everything(ray_cluster, tiny_c
         assert torch.equal(value, state["probe"]["model"][key])  # what a resumed run restores
 
 
-def test_eval_cli_reads_a_checkpoint_directory_with_the_sgd_protocol(ray_cluster, tiny_config,
-                                                                      capsys):
+def test_eval_cli_reads_a_checkpoint_directory_with_the_sgd_protocol(pcl_run, capsys):
     from orchestration.cli import main
 
-    summary = train(tiny_config("optim.epochs=2"), evaluate=False)
+    summary, _ = pcl_run
     assert main(["eval", summary.checkpoint, "--protocol", "sgd", "--epochs", "1",
                  "--no-pixels"]) == 0
     out = capsys.readouterr().out
@@ -78,20 +89,26 @@ def test_eval_cli_reads_a_checkpoint_directory_with_the_sgd_protocol(ray_cluster
     assert 0.3 < accuracy <= 1.0
 
 
-def test_killed_worker_resumes_from_checkpoint(ray_cluster, tiny_config, tmp_path):
-    summary = train(tiny_config(), evaluate=False,
-                    faults={"kill_worker_epoch": 0, "kill_rank": 1, "marker_dir": str(tmp_path)})
-    assert (tmp_path / "worker_killed").exists()  # the SIGKILL really happened
-    steps = [step for step, _ in _history(summary, "loss")]
-    assert steps == [0, 1, 2]  # all epochs trained, none logged twice
+def test_killed_worker_and_killed_actor_are_recovered(ray_cluster, tiny_config, tmp_path):
+    """A Train worker SIGKILLed after epoch 0 and the prototype actor killed during epoch 1's
+    E-step (gathering), in one run: Ray restarts each and the run finishes every epoch once."""
+    summary = train(tiny_config("clustering.strategy=gather"), evaluate=False,
+                    faults={"kill_worker_epoch": 0, "kill_rank": 1, "kill_actor_epoch": 1,
+                            "marker_dir": str(tmp_path)})
+    assert (tmp_path / "worker_killed").exists() and (tmp_path / "actor_killed").exists()
+    assert [step for step, _ in _history(summary, "loss")] == [0, 1, 2]  # none logged twice
     assert torch.load(Path(summary.checkpoint) / "state.pt", weights_only=True)["epoch"] == 2
+    _check_estep_redone(summary)
 
 
-@pytest.mark.parametrize("strategy", ["gather", "sharded"])
-def test_prototype_actor_killed_during_estep(ray_cluster, tiny_config, tmp_path, strategy):
-    summary = train(tiny_config(f"clustering.strategy={strategy}"), evaluate=False,
+def test_prototype_actor_killed_during_sharded_estep(ray_cluster, tiny_config, tmp_path):
+    summary = train(tiny_config("clustering.strategy=sharded"), evaluate=False,
                     faults={"kill_actor_epoch": 1, "marker_dir": str(tmp_path)})
     assert (tmp_path / "actor_killed").exists()
+    _check_estep_redone(summary)
+
+
+def _check_estep_redone(summary) -> None:
     # both ranks took the same final round's result: the same prototypes on every worker
     assert summary.estep_log[1]["ref"] and summary.estep_log[2]["encoded"] == 1347 - 200
     # the restarted actor lost its state, the workers resubmitted, epoch 1's E-step was redone
@@ -153,13 +170,14 @@ def _check_logged_encoder(summary) -> None:
     assert expected.shape == (4, loaded.method.backbone.feature_dim)
 
 
-def test_simclr_run_starts_no_prototype_actor_and_is_named_and_tagged(ray_cluster, tiny_config):
+def test_simclr_run_starts_no_prototype_actor_and_is_named_and_tagged(pcl_run, tiny_config):
     """A method that never clusters gets no prototype actor (nor its CPU); the MLflow run is
     named <method>-<dataset>, tagged, and has the dataset as its input. ``1e-1`` is a float."""
     from ray.util.state import list_actors
 
     before = {a.actor_id for a in list_actors(filters=[("class_name", "=", "PrototypeService")],
                                               raise_on_missing_output=False)}
+    assert before, "the query does not see the PCL run's actor"  # so it would see SimCLR's
     cfg = tiny_config("method={name: simclr, proj_hidden_dim: 128}", "method.temperature=1e-1",
                       "optim.epochs=1")
     summary = train(cfg, evaluate=False)
@@ -176,7 +194,3 @@ def test_simclr_run_starts_no_prototype_actor_and_is_named_and_tagged(ray_cluste
     assert [s for s, _ in _history(summary, "loss")] == [0]
     _check_logged_encoder(summary)
 
-    pcl = train(tiny_config("optim.epochs=2"), evaluate=False)  # the same query sees PCL's actor
-    seen = {a.actor_id for a in list_actors(filters=[("class_name", "=", "PrototypeService")],
-                                            raise_on_missing_output=False)}
-    assert len(seen - after) == 1 and sorted(pcl.estep_log) == [1]

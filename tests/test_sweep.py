@@ -67,20 +67,18 @@ def test_space_yaml(tmp_path):
 @pytest.mark.slow
 def test_asha_sweep_stops_a_trial_and_nests_runs(ray_cluster, tiny_config):
     cfg = tiny_config("scaling.num_workers=1", "optim.epochs=3")
-    # Seeded single-threaded trials, one at a time so ASHA sees them in grid order (two at a
-    # time, which trial reached a rung first depended on timing, and a run stopped nothing).
-    # Measured, two runs: T=0.1 [10,20] and [20,40] finish (best .935, .950); both T=0.3 trials
-    # fall below the median of the trials before them and stop at epoch 1 (.880) or 2 (.900).
-    space = {"method.temperature": tune.grid_search([0.1, 0.3]),
-             "clustering.num_clusters": tune.grid_search([[10, 20], [20, 40]])}
+    # One seeded trial at a time so ASHA sees them in grid order. On digits the untrained
+    # encoder's kNN is already high and a small step stays near it, so the second trial (lr 0.05)
+    # is below the first (lr 0.001) at both rungs, the second by a wide margin, and is stopped.
+    # Between temperatures 0.1 and 0.3 the order changed with the cluster counts.
+    space = {"optim.lr": tune.grid_search([0.001, 0.05])}
     table = run_sweep(cfg, space, num_samples=1, scheduler="asha", grace_period=1, reduction_factor=2,
-                  max_concurrent_trials=1, evaluate=False)
+                      max_concurrent_trials=1, evaluate=False)
     print(table.to_string())
 
-    assert len(table) == 4 and table["best_knn"].notna().all()
-    assert (table["status"] == "stopped early").sum() >= 1
-    assert set(table["status"]) <= {"finished", "stopped early"}
-    assert table["epochs"].sum() < 4 * 3  # ASHA saved compute
+    assert len(table) == 2 and table["best_knn"].notna().all()
+    assert list(table.sort_values("optim.lr")["status"]) == ["finished", "stopped early"]
+    assert table["epochs"].sum() < 2 * 3  # ASHA saved compute
 
     uri = cfg.tracking.tracking_uri
     (parent,) = _parents(uri)
@@ -92,7 +90,7 @@ def test_asha_sweep_stops_a_trial_and_nests_runs(ray_cluster, tiny_config):
         epochs = [m.step for m in client.get_metric_history(child.info.run_id, "knn_holdout")]
         assert sorted(epochs) == list(range(row["epochs"]))  # each epoch logged once
         assert child.info.status == ("FINISHED" if row["status"] == "finished" else "KILLED")
-        assert child.data.params["method.temperature"] == str(row["method.temperature"])
+        assert child.data.params["optim.lr"] == str(row["optim.lr"])
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"sweep_table.csv", "sweep_knn.png", "space.json", "base_config.yaml"} <= artifacts
     assert parent.data.params["scheduler"] == "asha"
