@@ -62,7 +62,9 @@ def start_experiment(tracking_uri: str, experiment_name: str) -> str:
 
     MLflow creates and migrates a new SQLite store's schema on first use, and two processes
     doing that at once fail (``table experiments already exists``): two jobs submitted to one
-    cluster do. A file lock beside the database serialises the first use.
+    cluster do. A file lock beside the database serialises the first use. A new experiment in a
+    SQLite store keeps its artifacts beside the database, in ``mlruns/``, rather than in the
+    ``./mlruns`` of whichever directory its first run started from.
     """
     mlflow.set_tracking_uri(tracking_uri)
     prefix = "sqlite:///"
@@ -73,6 +75,9 @@ def start_experiment(tracking_uri: str, experiment_name: str) -> str:
     database = Path(tracking_uri[len(prefix):])
     database.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(database) + ".lock"):
+        if mlflow.get_experiment_by_name(experiment_name) is None:
+            mlflow.create_experiment(experiment_name, artifact_location=(
+                database.parent / "mlruns").resolve().as_uri())
         return mlflow.set_experiment(experiment_name).experiment_id
 
 

@@ -38,3 +38,20 @@ def test_runs_started_together_on_a_new_sqlite_store_all_succeed(tmp_path):
 
     client = MlflowClient(uri)
     assert len(client.search_runs([client.get_experiment_by_name("race").experiment_id])) == 4
+
+
+def test_artifacts_of_a_new_sqlite_store_sit_beside_it(tmp_path, monkeypatch):
+    """Not in ``./mlruns`` of the directory the run started from (MLflow's default), where every
+    store used from that directory would pile its artifacts together."""
+    import mlflow
+
+    from orchestration.tracking import open_run, start_experiment
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    start_experiment(f"sqlite:///{tmp_path}/store/mlruns.db", "beside")
+    with open_run("artifact"):
+        mlflow.log_text("hello", "note.txt")
+    assert [p.read_text() for p in (tmp_path / "store" / "mlruns").rglob("note.txt")] == ["hello"]
+    assert not (elsewhere / "mlruns").exists()
