@@ -120,7 +120,8 @@ def train_loop(config: dict) -> None:
             broadcast_batchnorm_stats(method)  # every shard encoded with rank 0's statistics
             indices, features = shard.encode(method.cluster_embed, method, device, o.precision)
             waited = time.perf_counter()
-            exchange = exchange_with(service, rank, _barrier, all_ranks)
+            exchange = _kill_in_round(exchange_with(service, rank, _barrier, all_ranks),
+                                      config.get("faults"), rank)
             c, n = cfg.clustering, shard.num_images
             if choose_strategy(c.strategy, n, features.shape[1]) == "gather":
                 prototypes = gathered_prototypes(exchange, epoch, indices, features, n)
@@ -242,6 +243,23 @@ def _inject_kill(faults: dict | None, epoch: int, rank: int, mid_epoch: bool = F
     if not marker.exists():
         marker.write_text(str(epoch))
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _kill_in_round(exchange, faults: dict | None, rank: int):
+    """Test hook: SIGKILL ``faults["kill_rank"]`` once, just before it contributes to the E-step
+    round ``faults["kill_round"]`` (a key such as ``["iter", 2, 0, 0, 1]``), when the other
+    ranks have contributed to it and wait for this one."""
+    if not faults or "kill_round" not in faults or faults.get("kill_rank", 0) != rank:
+        return exchange
+
+    def exchange_or_die(key: tuple, payload):
+        marker = Path(faults["marker_dir"]) / "worker_killed_in_round"
+        if list(key) == list(faults["kill_round"]) and not marker.exists():
+            marker.write_text(repr(key))
+            os.kill(os.getpid(), signal.SIGKILL)
+        return exchange(key, payload)
+
+    return exchange_or_die
 
 
 def _inject_nan(faults: dict | None, epoch: int, rank: int, method) -> None:

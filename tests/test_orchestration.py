@@ -101,10 +101,20 @@ def test_killed_worker_and_killed_actor_are_recovered(ray_cluster, tiny_config, 
     _check_estep_redone(summary)
 
 
-def test_prototype_actor_killed_during_sharded_estep(ray_cluster, tiny_config, tmp_path):
+def test_sharded_estep_survives_its_actor_and_a_worker_killed_mid_estep(ray_cluster, tiny_config,
+                                                                         tmp_path):
+    """Sharded k-means: the actor dies at the start of epoch 1's E-step; in epoch 2's, rank 1
+    dies as it enters Lloyd iteration 1, where rank 0 contributes and waits for it. The
+    restarted workers redo epoch 2 from its checkpoint: the finished rounds come back from the
+    actor as they were (none is reduced twice), a stale contribution is replaced, and the run
+    ends with every epoch once."""
     summary = train(tiny_config("clustering.strategy=sharded"), evaluate=False,
-                    faults={"kill_actor_epoch": 1, "marker_dir": str(tmp_path)})
-    assert (tmp_path / "actor_killed").exists()
+                    faults={"kill_actor_epoch": 1, "kill_round": ["iter", 2, 0, 0, 1],
+                            "kill_rank": 1, "marker_dir": str(tmp_path)})
+    assert (tmp_path / "actor_killed").exists() and (tmp_path / "worker_killed_in_round").exists()
+    assert [step for step, _ in _history(summary, "loss")] == [0, 1, 2]
+    assert sorted(summary.estep_log[2]["ranks"]) == [0, 1]
+    assert summary.estep_log[2]["rounds"] == summary.estep_log[1]["rounds"]
     _check_estep_redone(summary)
 
 
