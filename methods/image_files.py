@@ -248,10 +248,9 @@ def decode_units(units: dict[str, np.ndarray], size: int, channels: int,
 def write_image_folder(images: np.ndarray, labels: np.ndarray, classes: tuple[str, ...],
                        out: str | Path, size: int | None = None, rgb: bool = False,
                        repeat: int = 1) -> Path:
-    """Write uint8 ``images`` [N, C, H, W] as ``out/<label>-<class>/<n>.png`` (``out/<label>/``
-    where the class name is the label itself) (``repeat`` copies
-    under new names, ``rgb`` turns grayscale into 3 equal channels, ``size`` resizes). Returns
-    ``out``."""
+    """Write uint8 ``images`` [N, C, H, W] as ``out/<label>-<class>/<n>.png``, or
+    ``out/<label>/<n>.png`` where the class name is the label itself (``repeat`` copies under new
+    names, ``rgb`` turns grayscale into 3 equal channels, ``size`` resizes). Returns ``out``."""
 
     out = Path(out)
     # numbered, so that the sorted folder names give back the label ids

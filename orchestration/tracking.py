@@ -29,13 +29,20 @@ TRIAL_TAG = "protoray.trial_id"
 RUN_CHECKPOINT = "checkpoint/final_checkpoint.pt"  # where log_evaluation puts it
 
 
+SQLITE = "sqlite:///"
+
+
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` tracking URI (relative to the working directory
+    unless absolute); None for any other store."""
+    return Path(uri[len(SQLITE):]) if uri.startswith(SQLITE) else None
+
+
 def resolve_tracking_uri(uri: str) -> str:
     """Make a relative ``sqlite:///file.db`` absolute against this process's working directory,
     so the Train controller and workers (other processes, other cwd) write the same file."""
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-        return prefix + str(Path(uri[len(prefix):]).resolve())
-    return uri
+    database = sqlite_file(uri)
+    return SQLITE + str(database.resolve()) if database and not database.is_absolute() else uri
 
 
 def numeric(metrics: dict) -> dict[str, float]:
@@ -67,12 +74,11 @@ def start_experiment(tracking_uri: str, experiment_name: str) -> str:
     ``./mlruns`` of whichever directory its first run started from.
     """
     mlflow.set_tracking_uri(tracking_uri)
-    prefix = "sqlite:///"
-    if not tracking_uri.startswith(prefix):
+    database = sqlite_file(tracking_uri)
+    if database is None:
         return mlflow.set_experiment(experiment_name).experiment_id
     from filelock import FileLock
 
-    database = Path(tracking_uri[len(prefix):])
     database.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(database) + ".lock"):
         if mlflow.get_experiment_by_name(experiment_name) is None:
@@ -106,8 +112,8 @@ def log_run_start(run_id: str, cfg: ExperimentConfig, loader: str = "memory",
 def missing_sqlite_store(tracking_uri: str) -> bool:
     """True for a ``sqlite:///`` URI whose file does not exist: MLflow would create an empty
     store there and then not find the run a command names."""
-    prefix = "sqlite:///"
-    return tracking_uri.startswith(prefix) and not Path(tracking_uri[len(prefix):]).is_file()
+    database = sqlite_file(tracking_uri)
+    return database is not None and not database.is_file()
 
 
 def download_run_checkpoint(run_id: str, tracking_uri: str, dest: Path) -> Path:

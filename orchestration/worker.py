@@ -239,27 +239,30 @@ def _inject_kill(faults: dict | None, epoch: int, rank: int, mid_epoch: bool = F
         return
     if mid_epoch != ("kill_step" in faults):
         return
-    marker = Path(faults["marker_dir"]) / "worker_killed"
-    if not marker.exists():
-        marker.write_text(str(epoch))
-        os.kill(os.getpid(), signal.SIGKILL)
+    _sigkill_once(Path(faults["marker_dir"]) / "worker_killed", str(epoch))
 
 
 def _kill_in_round(exchange, faults: dict | None, rank: int):
     """Test hook: SIGKILL ``faults["kill_rank"]`` once, just before it contributes to the E-step
-    round ``faults["kill_round"]`` (a key such as ``["iter", 2, 0, 0, 1]``), when the other
-    ranks have contributed to it and wait for this one."""
+    round ``faults["kill_round"]`` (a key such as ``["iter", 2, 0, 0, 1]``); the other ranks
+    contribute to that round and wait for this one."""
     if not faults or "kill_round" not in faults or faults.get("kill_rank", 0) != rank:
         return exchange
 
     def exchange_or_die(key: tuple, payload):
-        marker = Path(faults["marker_dir"]) / "worker_killed_in_round"
-        if list(key) == list(faults["kill_round"]) and not marker.exists():
-            marker.write_text(repr(key))
-            os.kill(os.getpid(), signal.SIGKILL)
+        if list(key) == list(faults["kill_round"]):
+            _sigkill_once(Path(faults["marker_dir"]) / "worker_killed_in_round", repr(key))
         return exchange(key, payload)
 
     return exchange_or_die
+
+
+def _sigkill_once(marker: Path, note: str) -> None:
+    """SIGKILL this process unless ``marker`` exists, writing ``note`` to it first: the
+    restarted worker passes the same point and lives, as in Ray's own fault tests."""
+    if not marker.exists():
+        marker.write_text(note)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _inject_nan(faults: dict | None, epoch: int, rank: int, method) -> None:
