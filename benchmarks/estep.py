@@ -42,8 +42,8 @@ import numpy as np
 import ray
 import torch
 
-from methods.clustering import run_kmeans
-from methods.data import load_fashion_mnist
+from methods.clustering.kmeans import run_kmeans
+from methods.data.datasets import load_fashion_mnist
 from orchestration.prototypes import PrototypeService
 
 TEMPERATURE = 0.2

@@ -40,7 +40,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from methods.evaluation import evaluate, linear_probe_exits, sgd_linear_probe
+from methods.evaluation.linear import linear_probe_exits, sgd_linear_probe
+from methods.evaluation.report import evaluate
 from methods.training import encode, fit
 from orchestration.builders import Splits, load_splits, make_method
 from orchestration.config import ConfigError, ExperimentConfig, load_config

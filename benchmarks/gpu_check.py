@@ -9,7 +9,7 @@ Tests and CI run on CPU (gloo); this is the check that the same code runs unchan
    faiss E-step first. A method that leaves a tensor on the CPU, or whose loss is not finite,
    fails here with its name. The collectives it exercises are ``all_ranks``' all-reduce and DDP's
    gradient all-reduce; gathers across ranks need two GPUs.
-2. **Images/s of a SimCLR step** (two views from ``methods.views.augment`` on the GPU, forward,
+2. **Images/s of a SimCLR step** (two views from ``methods.data.views.augment`` on the GPU, forward,
    backward, SGD) for the small convnet and ResNet-18/50 with the small-image stem, at fp32 and
    bf16, the median of ``--repeats`` timed windows after warm-up.
 
@@ -30,10 +30,11 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from methods.backbones import build_backbone
 from methods.base import Batch
-from methods.clustering import run_kmeans
-from methods.data import FASHION_MNIST_ROOT, ImageDataset, load_fashion_mnist
+from methods.clustering.kmeans import run_kmeans
+from methods.data.datasets import FASHION_MNIST_ROOT, ImageDataset, load_fashion_mnist
+from methods.data.views import view_spec
+from methods.encoders.backbones import build_backbone
 from methods.registry import available, build_method
 from methods.training import (
     OptimConfig,
@@ -44,7 +45,6 @@ from methods.training import (
     memory_batches,
     train_epoch,
 )
-from methods.views import view_spec
 
 # Smaller queues, banks and prototype sets than the papers' so every method builds and steps fast
 # on a few thousand images (PCL with no warm-up, so its ProtoNCE term runs); the rest are defaults.

@@ -13,7 +13,7 @@ What is measured
     load on the shared machine lands on both; the figures are medians over ``--repeats``.
 
 Why: oneDNN's NCHW max-pool on this CPU ran 7-10x slower than its NHWC one, the largest single
-cost in a profile of the step (``methods/backbones.py``).
+cost in a profile of the step (``methods/encoders/backbones.py``).
 
 Run: ``python benchmarks/memory_format.py [--backbones convnet convnet_wide convnet_1024
 --precision bf16 --steps 20 --repeats 3]``. The last line is one JSON object of the headline
@@ -30,9 +30,10 @@ from pathlib import Path
 
 import torch
 
-from methods.backbones import build_backbone
-from methods.clustering import run_kmeans
-from methods.data import FASHION_MNIST_ROOT, load_fashion_mnist
+from methods.clustering.kmeans import run_kmeans
+from methods.data.datasets import FASHION_MNIST_ROOT, load_fashion_mnist
+from methods.data.views import view_spec
+from methods.encoders.backbones import build_backbone
 from methods.registry import build_method
 from methods.training import (
     OptimConfig,
@@ -42,7 +43,6 @@ from methods.training import (
     memory_batches,
     train_epoch,
 )
-from methods.views import view_spec
 from orchestration.config import load_config
 
 LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}

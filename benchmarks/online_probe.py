@@ -4,7 +4,7 @@ the same method trained with and without the probe in one process, as one Ray Tr
 What is measured
     One rank's training pass of the config: ``train_epoch`` over ``--steps`` batches of the
     per-worker size (``optim.batch_size / scaling.num_workers``) with the worker's thread count
-    (``scaling.cpus_per_worker``), timed in windows with the probe (``methods.online_probe``) and
+    (``scaling.cpus_per_worker``), timed in windows with the probe (``methods.evaluation.online_probe``) and
     without; plus the online evaluation every epoch ends with: the hold-out encoding and kNN, and
     with the probe its hold-out accuracy. The probe's own step is also timed directly inside the
     probed windows, the figure least disturbed by a busy machine. The E-step (k-means) is left
@@ -31,7 +31,7 @@ import time
 
 import torch
 
-from methods.online_probe import OnlineProbe, embedding_dim
+from methods.evaluation.online_probe import OnlineProbe, embedding_dim
 from methods.training import make_optimizer, train_epoch
 from orchestration.builders import load_splits, make_method
 from orchestration.config import load_config

@@ -22,7 +22,7 @@ Why per-image PIL in a DataLoader is the baseline
     PIL image to two tensors inside ``Dataset.__getitem__``), and the obvious alternative that is
     not wrong: a torchvision v2 transform applied to a whole ``[B, C, H, W]`` tensor draws one crop
     for the batch. protoray instead augments uint8 batches inside ``training_step`` with per-image
-    random parameters (``methods/views.py``). The lightly path runs with each ``--lightly-workers``
+    random parameters (``methods/data/views.py``). The lightly path runs with each ``--lightly-workers``
     value and its faster one is its baseline (separately for training and for views-only), so on a
     2-core machine it is not handicapped by worker processes fighting the training threads, or by
     having none.
@@ -47,12 +47,12 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from methods.backbones import build_backbone
 from methods.base import Batch
-from methods.data import ImageDataset, load_fashion_mnist
+from methods.data.datasets import ImageDataset, load_fashion_mnist
+from methods.data.views import ViewSpec, augment, view_spec
+from methods.encoders.backbones import build_backbone
 from methods.registry import build_method
 from methods.training import autocast_for
-from methods.views import ViewSpec, augment, view_spec
 
 WARMUP = 3
 MIN_WINDOW_S = 1.0

@@ -12,8 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from methods.momentum import MemoryBank
-from methods.views import ViewSpec, augment, local_size, local_view_spec
+from methods.data.views import ViewSpec, augment, local_size, local_view_spec
+from methods.encoders.momentum import MemoryBank
 
 DevicePrototypes = list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 """Per granularity: (centroids [K, C], density [K], assignments [N]) on the training device."""
@@ -135,7 +135,7 @@ class Method(nn.Module):
         raise NotImplementedError(f"{type(self).__name__} is not a two-view method")
 
     def expose(self, feature: torch.Tensor) -> torch.Tensor:
-        """Keep ``feature`` detached for the online linear probe (``methods.online_probe``) and
+        """Keep ``feature`` detached for the online linear probe (``methods.evaluation.online_probe``) and
         return it unchanged. ``training_step`` calls it once with what ``embed`` would compute,
         taken from the training forward of the step's first view: ``[B, D]``, one row per image in
         batch order. Reusing it spares a second train-mode forward, which would move BatchNorm's

@@ -13,7 +13,7 @@ from typing import Any
 import torch.nn as nn
 
 from methods.base import Method, PrototypeSchedule
-from methods.views import ViewSpec
+from methods.data.views import ViewSpec
 from methods.zoo import METHODS, REGULARIZERS
 
 _METHODS: dict[str, type[Method]] = {cls.name: cls for cls in METHODS}

@@ -17,10 +17,11 @@ import torch
 import torch.distributed as dist
 
 from methods.base import Batch, DevicePrototypes, Method
-from methods.clustering import Prototypes, run_kmeans
-from methods.data import ImageDataset
-from methods.online_probe import OnlineProbe, probe_features
-from methods.views import to_input
+from methods.clustering.kmeans import run_kmeans
+from methods.clustering.prototypes import Prototypes
+from methods.data.datasets import ImageDataset
+from methods.data.views import to_input
+from methods.evaluation.online_probe import OnlineProbe, probe_features
 
 PRECISIONS = ("fp32", "bf16")
 
@@ -127,7 +128,7 @@ def train_epoch(method: Method, batches: Iterable[Batch], steps: int,
     with AMX it makes a SimCLR step much faster (``benchmarks/throughput.py``; figures in
     benchmarks/RESULTS.md), on CUDA it is the usual mixed precision.
 
-    ``probe`` (``methods.online_probe``) takes one step per batch on the feature the method's
+    ``probe`` (``methods.evaluation.online_probe``) takes one step per batch on the feature the method's
     forward exposed, detached, with the batch's labels, after the method's own step.
     """
     model = model or method

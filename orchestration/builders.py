@@ -10,14 +10,8 @@ import numpy as np
 import torch
 
 from methods.base import Method
-from methods.data import ImageDataset, decode_table, load_dataset
-from methods.image_files import (
-    ImageTable,
-    check_channels,
-    list_image_folder,
-    list_parquet,
-    split_folder,
-)
+from methods.data.datasets import ImageDataset, decode_table, load_dataset
+from methods.data.image_files import ImageTable, check_channels, list_image_folder, list_parquet, split_folder
 from orchestration.config import STREAMED, ExperimentConfig
 
 KNN_BANK_SIZE = 5000  # training images the online kNN compares the hold-out slice against
@@ -32,7 +26,7 @@ class Splits:
 
 @dataclass
 class TableSplits:
-    """An image-folder or parquet source, listed but not decoded (``methods.image_files``)."""
+    """An image-folder or parquet source, listed but not decoded (``methods.data.image_files``)."""
 
     train: ImageTable
     holdout: ImageTable
@@ -60,7 +54,7 @@ def _sample_images(table: ImageTable, n: int, seed: int) -> tuple[np.ndarray, np
 
 def list_split(cfg: ExperimentConfig, split: str) -> ImageTable:
     """The units of ``split`` of an image-folder or parquet source. Raises
-    ``methods.image_files.ImageSourceError`` (one line naming the path) when it is unusable and
+    ``methods.data.image_files.ImageSourceError`` (one line naming the path) when it is unusable and
     ``FileNotFoundError`` for a missing test split."""
     d = cfg.data
     root = Path(d.root)

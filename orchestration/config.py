@@ -25,9 +25,10 @@ from pydantic import (
     model_validator,
 )
 
-from methods.backbones import build_backbone, check_backbone_name
 from methods.base import Method, PrototypeSchedule
-from methods.batchnorm import SplitBatchNorm
+from methods.data.views import view_spec
+from methods.encoders.backbones import build_backbone, check_backbone_name
+from methods.encoders.batchnorm import SplitBatchNorm
 from methods.registry import (
     available,
     build_method,
@@ -37,7 +38,6 @@ from methods.registry import (
     regularizer_class,
 )
 from methods.training import OptimConfig
-from methods.views import view_spec
 
 # PCL's paper warm-up is 20 of 200 epochs; the CPU-sized default (20 epochs) keeps that ratio.
 DEFAULT_METHOD = {"name": "pcl", "warmup_epochs": 2}
@@ -84,7 +84,7 @@ class DataSection(Section):
     eval_limit: int = Field(50_000, ge=100, description="streamed sources: training and test "
                             "images the final evaluation decodes (a seeded sample)")
     limit: int | None = Field(None, ge=2, description="use only the first N training images")
-    views: str = "small"  # a preset of methods.views.PRESETS
+    views: str = "small"  # a preset of methods.data.views.PRESETS
     crop_min_scale: float | None = Field(None, gt=0, le=1)
     view_size: int | None = Field(None, ge=8, description="side the views and the E-step "
                                   "resize images to (evaluation keeps the images' own); None: "
@@ -109,7 +109,7 @@ class DataSection(Section):
     @field_validator("views")
     @classmethod
     def _known_views(cls, value: str) -> str:
-        from methods.views import PRESETS
+        from methods.data.views import PRESETS
 
         if value not in PRESETS:
             raise ValueError(f"unknown view preset {value!r}; choose one of {', '.join(PRESETS)}")

@@ -9,13 +9,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from methods.evaluation import (
-    FAST_PROBE,
-    embedding_plot,
-    evaluate,
-    sgd_linear_probe,
-    tsne_layout,
-)
+from methods.evaluation.linear import sgd_linear_probe
+from methods.evaluation.plots import embedding_plot, tsne_layout
+from methods.evaluation.report import FAST_PROBE, evaluate
 from methods.training import encode
 from orchestration.builders import Splits, load_splits, make_method
 from orchestration.checkpoints import load_state

@@ -5,7 +5,7 @@
 The source is a checkpoint file (``state.pt``, ``final_checkpoint.pt``), a Ray Train checkpoint
 directory holding ``state.pt``, or an MLflow run id (its ``checkpoint/final_checkpoint.pt``
 artifact, logged by every run trained with the final evaluation). DIR receives
-``encoder.safetensors`` and ``encoder.json`` (``methods.encoder_files``). Every export is
+``encoder.safetensors`` and ``encoder.json`` (``methods.encoders.encoder_files``). Every export is
 reloaded from DIR and checked against the method's own ``embed`` before this returns.
 """
 
@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from methods.base import Method
-from methods.encoder_files import JSON_FILE, WEIGHTS_FILE, load_encoder, save_encoder
+from methods.encoders.encoder_files import JSON_FILE, WEIGHTS_FILE, load_encoder, save_encoder
 from orchestration.builders import make_method
 from orchestration.checkpoints import checkpoint_file, load_state
 from orchestration.config import (

@@ -29,16 +29,16 @@ from collections.abc import Callable
 import numpy as np
 import ray
 
-from methods.clustering import (
+from methods.clustering.kmeans import run_kmeans
+from methods.clustering.lloyd import (
     MAX_POINTS_PER_CENTROID,
-    Prototypes,
-    concentration_from_sums,
     init_indices,
-    run_kmeans,
     shard_sums,
     training_mask,
     update_centroids,
 )
+from methods.clustering.prototypes import Prototypes, concentration_from_sums
+from orchestration.events import emit
 
 # clustering.strategy: auto gathers the features when they take at most this many bytes
 GATHER_LIMIT_BYTES = 2**30
@@ -55,7 +55,7 @@ def choose_strategy(strategy: str, num_samples: int, dim: int) -> str:
 @ray.remote(max_restarts=3, max_task_retries=3)
 class PrototypeService:
     def __init__(self, world_size: int, num_clusters: list[int], temperature: float, seed: int,
-                 niter: int = 20, nredo: int = 1, faults: dict | None = None):
+                 niter: int = 20, nredo: int = 1, plugins: tuple = ()):
         self.world_size = world_size
         self.num_clusters = list(num_clusters)
         self.temperature = temperature
@@ -64,7 +64,7 @@ class PrototypeService:
         self.payloads: dict[tuple, dict[int, object]] = {}  # round key -> rank -> payload
         self.outcomes: dict[tuple, ray.ObjectRef] = {}  # round key -> ref of its result
         self.log: dict[int, dict] = {}  # epoch -> {"ref", "ranks", "seconds", ...}
-        self.faults = faults or {}
+        self.plugins = plugins  # orchestration.events: on_actor_estep
 
     def contribute(self, key: tuple, rank: int, payload) -> None:
         """Keep this rank's payload for round ``key`` (``(kind, epoch, ...)``)."""
@@ -79,7 +79,7 @@ class PrototypeService:
                 return None
             epoch = key[1]
             if key[0] in ("gather", "init") and epoch not in self.log:
-                self._inject_death(epoch)
+                emit(self.plugins, "on_actor_estep", epoch=epoch)
                 self.log[epoch] = {"ranks": [], "seconds": 0.0, "rounds": 0}
             start = time.perf_counter()
             result = reduce_round(key, [parts[r] for r in range(self.world_size)],
@@ -98,16 +98,6 @@ class PrototypeService:
         if key[0] in ("gather", "final") and rank not in self.log[key[1]]["ranks"]:
             self.log[key[1]]["ranks"].append(rank)
         return [self.outcomes[key]]
-
-    def _inject_death(self, epoch: int) -> None:
-        """Test hook: die once at the start of ``faults["kill_actor_epoch"]``'s E-step."""
-        from pathlib import Path
-
-        if self.faults.get("kill_actor_epoch") == epoch:
-            marker = Path(self.faults["marker_dir"]) / "actor_killed"
-            if not marker.exists():
-                marker.write_text(str(epoch))
-                os._exit(1)
 
     def history(self) -> dict[int, dict]:
         return self.log

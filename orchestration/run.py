@@ -20,7 +20,7 @@ import ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from methods.data import check_dataset
+from methods.data.datasets import check_dataset
 from orchestration import tracking
 from orchestration.builders import TableSplits, table_splits
 from orchestration.checkpoints import CHECKPOINT_FILE
@@ -171,15 +171,15 @@ class RunInterrupted(RuntimeError):
 
 
 def train(cfg: ExperimentConfig, address: str | None = None, evaluate: bool = True,
-          faults: dict | None = None, verbose: bool = True,
+          plugins: tuple = (), verbose: bool = True,
           resume_run_id: str | None = None) -> RunSummary:
     """Run one experiment end to end; returns the MLflow run id and the final metrics.
 
     ``resume_run_id``: continue that MLflow run (``cfg`` being its config, see ``resume``) from
     its latest Ray Train checkpoint instead of starting a new one. ``verbose=False`` (the CLI's
-    default) prints one line per epoch instead of Ray's output. ``faults`` is for the
-    reliability tests only (kill a worker or the actor, inject a NaN). Ctrl-C raises
-    ``RunInterrupted``.
+    default) prints one line per epoch instead of Ray's output. ``plugins``: objects with
+    ``orchestration.events`` handlers, run on every worker and in the prototype actor. Ctrl-C
+    raises ``RunInterrupted``.
     """
     tables = check_source(cfg)  # before Ray starts: one line, not a traceback
     check_gpus(cfg, joining=bool(address or os.environ.get("RAY_ADDRESS")))
@@ -191,7 +191,7 @@ def train(cfg: ExperimentConfig, address: str | None = None, evaluate: bool = Tr
     with tracking.open_run(None if resume_run_id else name, run_id=resume_run_id) as run:
         run_id = run.info.run_id
         run_all = functools.partial(execute, cfg, run_id, tracking_uri, evaluate=evaluate,
-                                    faults=faults, tables=tables, resumed=bool(resume_run_id))
+                                    plugins=plugins, tables=tables, resumed=bool(resume_run_id))
         epochs = f"{cfg.optim.epochs} epoch{'s' if cfg.optim.epochs != 1 else ''}"
         print(f"MLflow run {run_id} ({name}): {cfg.scaling.num_workers} workers, "
               f"{epochs}{'; resumed' if resume_run_id else ''}; if this process "
@@ -220,7 +220,7 @@ def resume(run_id: str, tracking_uri: str, address: str | None = None,
     return train(cfg, address=address, verbose=verbose, resume_run_id=run_id)
 
 
-def start_prototype_service(cfg: ExperimentConfig, run_id: str, faults: dict | None = None):
+def start_prototype_service(cfg: ExperimentConfig, run_id: str, plugins: tuple = ()):
     """The run's prototype actor, or None when the method never clusters (no CPU reserved).
     Named after the run, so a restarted trial finds the one it started."""
     schedule = cfg.method.schedule()
@@ -231,11 +231,11 @@ def start_prototype_service(cfg: ExperimentConfig, run_id: str, faults: dict | N
         name=f"prototypes-{run_id}", get_if_exists=True, num_cpus=c.cpus,
         resources=c.actor_resources or None,
     ).remote(cfg.scaling.num_workers, c.num_clusters, schedule.temperature, cfg.seed, c.niter,
-             c.nredo, faults)
+             c.nredo, tuple(plugins))
 
 
 def execute(cfg: ExperimentConfig, run_id: str, tracking_uri: str, evaluate: bool = True,
-            faults: dict | None = None, callbacks: tuple = (), storage_path: str | None = None,
+            plugins: tuple = (), callbacks: tuple = (), storage_path: str | None = None,
             name: str | None = None, tables: TableSplits | None = None,
             resumed: bool = False) -> RunSummary:
     """The prototype actor, the TorchTrainer and the final evaluation, all recorded in the
@@ -255,11 +255,11 @@ def execute(cfg: ExperimentConfig, run_id: str, tracking_uri: str, evaluate: boo
         storage = str(Path(storage).resolve())
     if not resumed:
         tracking.log_run_start(run_id, cfg, loader="stream" if stream else "memory", storage=storage)
-    service = start_prototype_service(cfg, run_id, faults)
+    service = start_prototype_service(cfg, run_id, plugins)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"experiment": cfg.model_dump(mode="json"), "prototype_service": service,
-                           "faults": faults, "stream": stream.info if stream else None},
+                           "plugins": tuple(plugins), "stream": stream.info if stream else None},
         datasets=stream.datasets if stream else None,
         dataset_config=stream.data_config if stream else None,
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,

@@ -16,7 +16,7 @@ import ray.train
 import torch
 
 from methods.base import Batch, Method
-from methods.data import ImageDataset
+from methods.data.datasets import ImageDataset
 from methods.training import all_ranks, encode, epoch_batches, memory_batches, sum_over_ranks
 from orchestration.builders import KNN_BANK_SIZE, Splits
 

@@ -3,7 +3,7 @@
 The driver lists the source (``builders.table_splits``: file names, parquet footers, no
 decoding) and builds one Ray Data pipeline per worker: the worker's fixed shard of decode units
 (``ImageTable.shard``: units r, r + W, ...), reshuffled every epoch, decoded and resized by
-``methods.image_files.decode_units`` in Ray Data CPU tasks. Worker r reads it with
+``methods.data.image_files.decode_units`` in Ray Data CPU tasks. Worker r reads it with
 ``ray.train.get_dataset_shard(f"train_{r}")`` and receives uint8 batches with the global index of
 every image; the views run on the training device as for in-memory data.
 
@@ -23,7 +23,7 @@ import ray.data
 from ray.data import ExecutionOptions, ExecutionResources
 from ray.train import DataConfig
 
-from methods.image_files import ImageTable, decode_units
+from methods.data.image_files import ImageTable, decode_units
 from orchestration.builders import TableSplits
 from orchestration.config import ExperimentConfig
 

@@ -176,7 +176,7 @@ def _log_dataset(run_id: str, cfg: ExperimentConfig) -> None:
     from mlflow.data.meta_dataset import MetaDataset
     from mlflow.tracking.fluent import _create_dataset_input  # what mlflow.log_input builds
 
-    from methods.data import FASHION_MNIST_ROOT
+    from methods.data.datasets import FASHION_MNIST_ROOT
 
     d = cfg.data
     root = d.root or (str(FASHION_MNIST_ROOT) if d.name == "fashion_mnist" else None)
@@ -185,7 +185,7 @@ def _log_dataset(run_id: str, cfg: ExperimentConfig) -> None:
             warnings.simplefilter("ignore")
             source = resolve_dataset_source(str(Path(root).resolve()))
     else:
-        source = CodeDatasetSource(tags={"loader": f"methods.data.load_dataset({d.name!r})"})
+        source = CodeDatasetSource(tags={"loader": f"methods.data.datasets.load_dataset({d.name!r})"})
     chosen = json.dumps({"name": d.name, "root": root, "limit": d.limit, "seed": cfg.seed,
                          "knn_holdout": d.knn_holdout}, sort_keys=True)
     digest = hashlib.sha256(chosen.encode()).hexdigest()[:12]
@@ -211,7 +211,7 @@ ENCODER_MODEL = "encoder"  # mlflow.pytorch.load_model(f"runs:/{run_id}/encoder"
 
 def log_encoder(run_id: str, method: torch.nn.Module, channels: int, side: int) -> None:
     """The trained method's encoder as the run's MLflow model ``encoder``: a module from uint8 or
-    [0, 1] float images ``[B, C, H, W]`` to embeddings ``[B, D]`` (``methods.image_encoder``),
+    [0, 1] float images ``[B, C, H, W]`` to embeddings ``[B, D]`` (``methods.encoders.image_encoder``),
     with an input example and signature, and protoray's ``methods`` package as its code so
     it loads where protoray is not installed."""
     import mlflow.pytorch
@@ -219,7 +219,7 @@ def log_encoder(run_id: str, method: torch.nn.Module, channels: int, side: int) 
     from mlflow.models import infer_signature
 
     import methods
-    from methods.image_encoder import image_encoder
+    from methods.encoders.image_encoder import image_encoder
 
     encoder = image_encoder(method, channels, side)
     example = np.random.default_rng(0).integers(0, 256, (2, channels, side, side), dtype=np.uint8)

@@ -5,15 +5,13 @@ prototype actor's handle); rank and world size come from ``ray.train.get_context
 way out is ``ray.train.report``. Read it top to bottom: set-up, resume, then per epoch an
 optional E-step through the actor, one pass over this rank's shard, a report with a checkpoint.
 
-The online linear probe (``methods.online_probe``) rides along where the data has labels: every
+The online linear probe (``methods.evaluation.online_probe``) rides along where the data has labels: every
 rank trains the same one on its shard's batches (its gradients all-reduced), rank 0 scores it on
 the hold-out slice beside the online kNN and saves it in the checkpoint.
 """
 
 from __future__ import annotations
 
-import os
-import signal
 import tempfile
 import time
 import warnings
@@ -27,10 +25,10 @@ import torch
 import torch.distributed as dist
 
 from methods.base import Batch
-from methods.batchnorm import broadcast_batchnorm_stats
-from methods.clustering import Prototypes
-from methods.evaluation import knn_accuracy
-from methods.online_probe import OnlineProbe, embedding_dim
+from methods.clustering.prototypes import Prototypes
+from methods.encoders.batchnorm import broadcast_batchnorm_stats
+from methods.evaluation.knn import knn_accuracy
+from methods.evaluation.online_probe import OnlineProbe, embedding_dim
 from methods.training import (
     NonFiniteLossError,
     all_ranks,
@@ -48,6 +46,7 @@ from orchestration.checkpoints import (
     save_state,
 )
 from orchestration.config import ExperimentConfig
+from orchestration.events import announce_rounds, announce_steps, emit
 from orchestration.prototypes import (
     choose_strategy,
     exchange_with,
@@ -65,6 +64,7 @@ def _barrier() -> None:
 def train_loop(config: dict) -> None:
     cfg = ExperimentConfig.model_validate(config["experiment"])
     service = config.get("prototype_service")
+    plugins = config.get("plugins") or ()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
@@ -112,6 +112,7 @@ def train_loop(config: dict) -> None:
     for epoch in range(start_epoch, o.epochs):
         start = time.perf_counter()
         metrics: dict[str, float] = {"epoch": epoch}
+        emit(plugins, "on_epoch_start", epoch=epoch, rank=rank, method=method)
 
         # --- E-step: every rank encodes its shard; the actor coordinates the clustering
         # (clustering.strategy); every rank receives the same centroids and phi
@@ -120,8 +121,8 @@ def train_loop(config: dict) -> None:
             broadcast_batchnorm_stats(method)  # every shard encoded with rank 0's statistics
             indices, features = shard.encode(method.cluster_embed, method, device, o.precision)
             waited = time.perf_counter()
-            exchange = _kill_in_round(exchange_with(service, rank, _barrier, all_ranks),
-                                      config.get("faults"), rank)
+            exchange = announce_rounds(exchange_with(service, rank, _barrier, all_ranks),
+                                       plugins, rank)
             c, n = cfg.clustering, shard.num_images
             if choose_strategy(c.strategy, n, features.shape[1]) == "gather":
                 prototypes = gathered_prototypes(exchange, epoch, indices, features, n)
@@ -136,10 +137,8 @@ def train_loop(config: dict) -> None:
         active = prototypes if clustered else None
 
         # --- M-step: one pass over this rank's shard
-        _inject_nan(config.get("faults"), epoch, rank, method)
         seen: list[torch.Tensor] = []  # this epoch's image indices, to report repeats
-        batches = _recorded(_kill_mid_epoch(shard.batches(epoch), config.get("faults"), epoch,
-                                            rank), seen)
+        batches = announce_steps(_recorded(shard.batches(epoch), seen), plugins, epoch, rank)
         try:
             metrics.update(train_epoch(method, batches, shard.steps, optimizer, scheduler, epoch,
                                        active.on_device(device) if active else None, device, model,
@@ -170,8 +169,7 @@ def train_loop(config: dict) -> None:
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
         else:
             ray.train.report(metrics)
-        _dump_probe(config.get("faults"), rank, probe)
-        _inject_kill(config.get("faults"), epoch, rank)
+        emit(plugins, "on_epoch_end", epoch=epoch, rank=rank, method=method, probe=probe)
 
 
 def _make_probe(cfg: ExperimentConfig, shard: MemoryShard | StreamShard, method, device
@@ -208,65 +206,7 @@ def _online_knn(method, bank, holdout, device) -> float:
     return _online_scores(method, None, bank, holdout, device)["knn_holdout"]
 
 
-def _dump_probe(faults: dict | None, rank: int, probe: OnlineProbe | None) -> None:
-    """Test hook: with ``faults["probe_dir"]``, every rank writes its probe's weights there
-    (``probe_rank_<r>.pt``) after each report, so a test can check the ranks agree."""
-    if faults and faults.get("probe_dir") and probe is not None:
-        torch.save(probe.state_dict(), Path(faults["probe_dir"]) / f"probe_rank_{rank}.pt")
-
-
 def _recorded(batches: Iterator[Batch], seen: list[torch.Tensor]) -> Iterator[Batch]:
     for batch in batches:
         seen.append(batch.indices)
         yield batch
-
-
-def _kill_mid_epoch(batches: Iterator[Batch], faults: dict | None, epoch: int, rank: int
-                    ) -> Iterator[Batch]:
-    """Test hook: with ``faults["kill_step"]``, ``_inject_kill`` happens at that step of the
-    epoch instead of after its report."""
-    for step, batch in enumerate(batches):
-        if faults and faults.get("kill_step") == step:
-            _inject_kill(faults, epoch, rank, mid_epoch=True)
-        yield batch
-
-
-def _inject_kill(faults: dict | None, epoch: int, rank: int, mid_epoch: bool = False) -> None:
-    """Test hook: SIGKILL this worker once, after ``faults["kill_worker_epoch"]``'s report, on
-    ``faults["kill_rank"]``. A marker file makes it happen once, as in Ray's own fault tests.
-    ``protoray train`` never sets ``faults``."""
-    if not faults or faults.get("kill_worker_epoch") != epoch or faults.get("kill_rank", 0) != rank:
-        return
-    if mid_epoch != ("kill_step" in faults):
-        return
-    _sigkill_once(Path(faults["marker_dir"]) / "worker_killed", str(epoch))
-
-
-def _kill_in_round(exchange, faults: dict | None, rank: int):
-    """Test hook: SIGKILL ``faults["kill_rank"]`` once, just before it contributes to the E-step
-    round ``faults["kill_round"]`` (a key such as ``["iter", 2, 0, 0, 1]``); the other ranks
-    contribute to that round and wait for this one."""
-    if not faults or "kill_round" not in faults or faults.get("kill_rank", 0) != rank:
-        return exchange
-
-    def exchange_or_die(key: tuple, payload):
-        if list(key) == list(faults["kill_round"]):
-            _sigkill_once(Path(faults["marker_dir"]) / "worker_killed_in_round", repr(key))
-        return exchange(key, payload)
-
-    return exchange_or_die
-
-
-def _sigkill_once(marker: Path, note: str) -> None:
-    """SIGKILL this process unless ``marker`` exists, writing ``note`` to it first: the
-    restarted worker passes the same point and lives, as in Ray's own fault tests."""
-    if not marker.exists():
-        marker.write_text(note)
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _inject_nan(faults: dict | None, epoch: int, rank: int, method) -> None:
-    """Test hook: poison one weight on rank 0 before ``faults["nan_epoch"]`` so the loss is NaN."""
-    if faults and faults.get("nan_epoch") == epoch and rank == 0:
-        with torch.no_grad():
-            next(method.parameters()).fill_(float("nan"))

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from methods.data import load_dataset
-from methods.image_files import write_image_folder, write_parquet
+from methods.data.datasets import load_dataset
+from methods.data.image_files import write_image_folder, write_parquet
 
 FORMATS = ("image_folder", "parquet")
 IMAGES_PER_PARQUET_FILE = 50_000

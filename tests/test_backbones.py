@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from methods.backbones import build_backbone
-from methods.momentum import momentum_copy
+from methods.encoders.backbones import build_backbone
+from methods.encoders.momentum import momentum_copy
 
 
 @pytest.mark.parametrize("name, dim", [("convnet", 256), ("convnet_wide", 512), ("convnet_1024", 1024),

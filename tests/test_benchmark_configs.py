@@ -74,7 +74,7 @@ def test_best_pcl_config_builds_its_recipe(name, backbone, epochs):
     assert method.num_negative_prototypes == 1000
     assert method.schedule.warmup_epochs == 4 and method.schedule.temperature == 0.2
     assert method.views.size == 20 and method.views.crop_scale == (0.5, 1.0)
-    from methods.backbones import build_backbone
+    from methods.encoders.backbones import build_backbone
 
     reference = build_backbone(backbone, 1, 20)
     query_backbone = method.encoder_q[0]

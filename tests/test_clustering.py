@@ -10,7 +10,8 @@ import pytest
 import torch
 from sklearn.metrics import adjusted_rand_score
 
-from methods.clustering import Prototypes, concentration, run_kmeans
+from methods.clustering.kmeans import run_kmeans
+from methods.clustering.prototypes import Prototypes, concentration
 
 
 def _phi_by_loop(sq_distances, assignments, num_clusters, temperature):
@@ -130,7 +131,7 @@ def _mixture(n: int, d: int = 8, centres: int = 6, seed: int = 0) -> np.ndarray:
 
 
 def test_lloyd_matches_faiss_from_the_same_start():
-    from methods.clustering import init_indices, lloyd
+    from methods.clustering.lloyd import init_indices, lloyd
 
     x = _mixture(1001)
     start = x[init_indices(len(x), 6, seed=3)]
@@ -147,7 +148,7 @@ def test_lloyd_matches_faiss_from_the_same_start():
 
 @pytest.mark.parametrize("shards", [2, 3])
 def test_sharded_lloyd_equals_one_shard_even_with_an_empty_cluster(shards):
-    from methods.clustering import assign, lloyd
+    from methods.clustering.lloyd import assign, lloyd
 
     x = _mixture(1001)  # not divisible by 2 or 3
     start = np.concatenate([x[:5], np.full((1, x.shape[1]), 1e3, np.float32)])  # one far away
@@ -161,7 +162,8 @@ def test_sharded_lloyd_equals_one_shard_even_with_an_empty_cluster(shards):
 
 
 def test_phi_from_sharded_sums_equals_phi_from_the_gathered_points():
-    from methods.clustering import assign, concentration, concentration_from_sums, shard_sums
+    from methods.clustering.lloyd import assign, shard_sums
+    from methods.clustering.prototypes import concentration, concentration_from_sums
 
     x = _mixture(1001)
     centroids = x[:40]
@@ -174,7 +176,7 @@ def test_phi_from_sharded_sums_equals_phi_from_the_gathered_points():
 
 
 def test_an_empty_cluster_splits_a_large_one_and_never_goes_nan():
-    from methods.clustering import ClusterSums, update_centroids
+    from methods.clustering.lloyd import ClusterSums, update_centroids
 
     previous = np.array([[1.0, 1.0], [5.0, 5.0], [9.0, 9.0]], np.float32)
     total = ClusterSums(np.array([[10.0, 10.0], [0.0, 0.0], [2.0, 2.0]]), np.array([10, 0, 2]),
@@ -190,7 +192,7 @@ def test_an_empty_cluster_splits_a_large_one_and_never_goes_nan():
 
 def test_shard_sums_in_chunks_equal_one_pass(monkeypatch):
     """A shard larger than ``SUMS_CHUNK`` is summed chunk by chunk, to the same statistics."""
-    from methods import clustering
+    from methods.clustering import lloyd as clustering
 
     x = np.random.default_rng(0).normal(size=(1000, 8)).astype(np.float32)
     centroids = x[:7].copy()
@@ -207,7 +209,7 @@ def test_shard_sums_in_chunks_equal_one_pass(monkeypatch):
 def test_shard_sums_by_torch_matmul_equal_faiss():
     """The GPU path (a torch matmul on the worker's device), run here on the CPU, gives faiss's
     assignments and statistics."""
-    from methods.clustering import shard_sums
+    from methods.clustering.lloyd import shard_sums
 
     x = np.random.default_rng(1).normal(size=(3000, 16)).astype(np.float32)
     centroids = x[:50].copy()

@@ -184,8 +184,8 @@ def test_every_shipped_config_validates(path):
 def test_view_size_resizes_training_views_and_evaluation_keeps_the_images_side():
     import torch
 
+    from methods.data.views import to_input
     from methods.training import encode
-    from methods.views import to_input
     from orchestration.builders import make_method
 
     method = make_method(build_config(overrides=["data.view_size=20"]), 1, 28)

@@ -7,12 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from methods.backbones import build_backbone
-from methods.data import load_digits
-from methods.evaluation import knn_accuracy
+from methods.data.datasets import load_digits
+from methods.data.views import view_spec
+from methods.encoders.backbones import build_backbone
+from methods.evaluation.knn import knn_accuracy
 from methods.registry import build_method
 from methods.training import OptimConfig, encode, fit
-from methods.views import view_spec
 from methods.zoo.cpc import RowContext, cpc_info_nce, patch_grid
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from methods.data import (
+from methods.data.datasets import (
     DATASETS,
     FASHION_MNIST_INSTALL,
     FASHION_MNIST_ROOT,

@@ -7,7 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from methods.clustering import assign, concentration, init_indices, lloyd
+from methods.clustering.lloyd import assign, init_indices, lloyd
+from methods.clustering.prototypes import concentration
 from orchestration.prototypes import sharded_in_threads
 
 NUM_CLUSTERS, NITER, NREDO, SEED = [6, 12], 8, 2, 3

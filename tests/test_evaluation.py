@@ -5,15 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from methods.evaluation import (
-    cluster_scores,
-    embedding_plot,
-    evaluate,
-    knn_accuracy,
-    linear_probe_accuracy,
-    linear_probe_exits,
-    select_probe_c,
-)
+from methods.evaluation.cluster_scores import cluster_scores
+from methods.evaluation.knn import knn_accuracy
+from methods.evaluation.linear import linear_probe_accuracy, linear_probe_exits, select_probe_c
+from methods.evaluation.plots import embedding_plot
+from methods.evaluation.report import evaluate
 
 
 def _blobs(n_per: int, num_classes: int = 4, dim: int = 16, seed: int = 0, spread: float = 0.2):
@@ -118,7 +114,7 @@ def test_cluster_scores_are_the_median_over_kmeans_seeds():
     AMI would differ from the median."""
     from sklearn.metrics import adjusted_mutual_info_score
 
-    from methods.clustering import run_kmeans
+    from methods.clustering.kmeans import run_kmeans
 
     rng = np.random.default_rng(3)
     x = rng.normal(size=(120, 4)).astype(np.float32)
@@ -156,9 +152,9 @@ def test_sgd_linear_probe_trains_on_augmented_crops_of_a_frozen_encoder():
     import torch
     import torch.nn as nn
 
-    from methods.data import load_digits
-    from methods.evaluation import sgd_linear_probe
-    from methods.views import view_spec
+    from methods.data.datasets import load_digits
+    from methods.data.views import view_spec
+    from methods.evaluation.linear import sgd_linear_probe
 
     tr, te = load_digits("train"), load_digits("test")
     seen = []

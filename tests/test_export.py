@@ -12,9 +12,9 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from methods.base import Batch
-from methods.encoder_files import JSON_FILE, WEIGHTS_FILE, load_encoder
+from methods.data.views import to_input
+from methods.encoders.encoder_files import JSON_FILE, WEIGHTS_FILE, load_encoder
 from methods.training import make_optimizer
-from methods.views import to_input
 from orchestration.builders import load_splits, make_method
 from orchestration.checkpoints import CHECKPOINT_FILE, load_state, save_state
 from orchestration.cli import main
@@ -154,7 +154,7 @@ def test_timm_backbones_validate_and_unknown_names_are_one_line():
 def test_timm_vit_small_images_take_smaller_views():
     """img_size and 4 px patches below 64 px; dynamic sizes, so multi-crop's smaller views and
     evaluation at a larger side than data.view_size run."""
-    from methods.backbones import build_backbone
+    from methods.encoders.backbones import build_backbone
 
     net = build_backbone("timm/vit_tiny_patch16_224", 3, 32)
     assert net.recipe.kwargs | {"img_size": 32, "patch_size": 4} == net.recipe.kwargs

@@ -9,13 +9,13 @@ import math
 import pytest
 import torch
 
-from methods.backbones import build_backbone
 from methods.base import Batch
-from methods.data import load_digits
-from methods.losses import uniformity
+from methods.data.datasets import load_digits
+from methods.data.views import view_spec
+from methods.encoders.backbones import build_backbone
+from methods.losses.uniformity import uniformity
 from methods.registry import build_method
 from methods.training import OptimConfig, fit, make_optimizer
-from methods.views import view_spec
 from methods.zoo.icl_msr import ICLMSR, semantic_loss
 
 LAMBDA, ALPHA, GAMMA = 0.5, 0.1, 0.1

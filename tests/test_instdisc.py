@@ -13,16 +13,17 @@ import torch
 import torch.nn.functional as F
 from lightly.models.modules.memory_bank import MemoryBankModule
 
-from methods.backbones import build_backbone
-from methods.data import load_digits
-from methods.evaluation import knn_accuracy
-from methods.losses import nce_loss
-from methods.momentum import FeatureQueue, MemoryBank
+from methods.data.datasets import load_digits
+from methods.data.views import view_spec
+from methods.encoders.backbones import build_backbone
+from methods.encoders.momentum import FeatureQueue, MemoryBank
+from methods.evaluation.knn import knn_accuracy
+from methods.losses.contrastive import nce_loss
 from methods.registry import build_method
 from methods.training import OptimConfig, encode, epoch_batches, fit
-from methods.views import view_spec
 from orchestration.builders import load_splits
 from orchestration.checkpoints import load_rank_state, save_rank_state
+from tests.faults import Faults
 
 # T 0.1 (the authors' CIFAR setting) and a small lr: the NCE gradient sums m noise terms; on
 # digits (n = 1,347, 4 epochs) kNN went 0.896 -> 0.871 at lr 0.05, -> 0.951 at lr 0.002
@@ -134,7 +135,7 @@ def test_two_workers_shard_checkpoint_and_resume_the_bank(ray_cluster, tiny_conf
     splits = load_splits(cfg)
     random_knn = _online_knn(make_method(cfg, 1, 8), splits.train, splits.holdout, "cpu")
     summary = train(cfg, evaluate=False,
-                    faults={"kill_worker_epoch": 0, "kill_rank": 1, "marker_dir": str(tmp_path)})
+                    plugins=[Faults(kill_worker_epoch=0, kill_rank=1, marker_dir=str(tmp_path))])
     assert (tmp_path / "worker_killed").exists()
     knn = sorted((m.step, m.value) for m in
                  MlflowClient(summary.tracking_uri).get_metric_history(summary.run_id, "knn_holdout"))

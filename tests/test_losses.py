@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from lightly.loss import NTXentLoss
 
-from methods.losses import info_nce, nt_xent, proto_nce, sample_negative_prototypes, sinkhorn
+from methods.losses.codes import sinkhorn
+from methods.losses.contrastive import info_nce, nt_xent, proto_nce, sample_negative_prototypes
 
 
 @pytest.mark.parametrize("temperature", [0.1, 0.5])

@@ -11,14 +11,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from methods.backbones import build_backbone
-from methods.batchnorm import SplitBatchNorm, shuffled_forward, split_batchnorm
-from methods.data import load_digits
-from methods.evaluation import knn_accuracy
-from methods.momentum import FeatureQueue, ema_update, momentum_copy
+from methods.data.datasets import load_digits
+from methods.data.views import view_spec
+from methods.encoders.backbones import build_backbone
+from methods.encoders.batchnorm import SplitBatchNorm, shuffled_forward, split_batchnorm
+from methods.encoders.momentum import FeatureQueue, ema_update, momentum_copy
+from methods.evaluation.knn import knn_accuracy
 from methods.registry import available, build_method, hyperparameters
 from methods.training import NonFiniteLossError, OptimConfig, encode, epoch_batches, fit
-from methods.views import view_spec
 
 
 @pytest.fixture(scope="module", autouse=True)

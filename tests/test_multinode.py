@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from methods.image_files import list_parquet
+from methods.data.image_files import list_parquet
 from orchestration.write_dataset import write_dataset
 from tests.conftest import ROOT
 from tests.local_nodes import (

@@ -1,4 +1,4 @@
-"""The online linear probe (``methods.online_probe``): it never changes the encoder (parameters,
+"""The online linear probe (``methods.evaluation.online_probe``): it never changes the encoder (parameters,
 BatchNorm buffers and the global RNG bit-identical with and without it), every method exposes
 the feature its ``embed`` computes, the probe learns digits, it is off without labels, and
 through Ray two workers keep identical probes and log ``probe_holdout`` every epoch."""
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from methods.online_probe import OnlineProbe, embedding_dim, probe_features
+from methods.evaluation.online_probe import OnlineProbe, embedding_dim, probe_features
 from methods.training import encode, epoch_batches, make_optimizer, memory_batches, train_epoch
 from orchestration.builders import load_splits, make_method
 from orchestration.config import load_config

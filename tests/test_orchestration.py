@@ -10,10 +10,11 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from methods.clustering import Prototypes
+from methods.clustering.prototypes import Prototypes
 from orchestration.config import load_config
 from orchestration.run import TrainingStopped, train
 from tests.conftest import ROOT
+from tests.faults import Faults
 
 pytestmark = pytest.mark.slow
 
@@ -25,7 +26,7 @@ def pcl_run(ray_cluster, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pcl")
     cfg = load_config(ROOT / "configs" / "tiny_digits.yaml", [
         f"tracking.tracking_uri=sqlite:///{tmp}/mlruns.db", f"tracking.storage_path={tmp}/ray"])
-    return train(cfg, faults={"probe_dir": str(tmp)}), tmp
+    return train(cfg, plugins=[Faults(probe_dir=str(tmp))]), tmp
 
 
 def _history(summary, key: str) -> list[tuple[int, float]]:
@@ -93,8 +94,8 @@ def test_killed_worker_and_killed_actor_are_recovered(ray_cluster, tiny_config, 
     """A Train worker SIGKILLed after epoch 0 and the prototype actor killed during epoch 1's
     E-step (gathering), in one run: Ray restarts each and the run finishes every epoch once."""
     summary = train(tiny_config("clustering.strategy=gather"), evaluate=False,
-                    faults={"kill_worker_epoch": 0, "kill_rank": 1, "kill_actor_epoch": 1,
-                            "marker_dir": str(tmp_path)})
+                    plugins=[Faults(kill_worker_epoch=0, kill_rank=1, kill_actor_epoch=1,
+                            marker_dir=str(tmp_path))])
     assert (tmp_path / "worker_killed").exists() and (tmp_path / "actor_killed").exists()
     assert [step for step, _ in _history(summary, "loss")] == [0, 1, 2]  # none logged twice
     assert torch.load(Path(summary.checkpoint) / "state.pt", weights_only=True)["epoch"] == 2
@@ -109,8 +110,8 @@ def test_sharded_estep_survives_its_actor_and_a_worker_killed_mid_estep(ray_clus
     actor as they were (none is reduced twice), a stale contribution is replaced, and the run
     ends with every epoch once."""
     summary = train(tiny_config("clustering.strategy=sharded"), evaluate=False,
-                    faults={"kill_actor_epoch": 1, "kill_round": ["iter", 2, 0, 0, 1],
-                            "kill_rank": 1, "marker_dir": str(tmp_path)})
+                    plugins=[Faults(kill_actor_epoch=1, kill_round=("iter", 2, 0, 0, 1),
+                            kill_rank=1, marker_dir=str(tmp_path))])
     assert (tmp_path / "actor_killed").exists() and (tmp_path / "worker_killed_in_round").exists()
     assert [step for step, _ in _history(summary, "loss")] == [0, 1, 2]
     assert sorted(summary.estep_log[2]["ranks"]) == [0, 1]
@@ -128,7 +129,7 @@ def _check_estep_redone(summary) -> None:
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(ray_cluster, tiny_config, tmp_path):
     with pytest.raises(TrainingStopped, match=r"epoch 1 step 0") as info:
-        train(tiny_config(), evaluate=False, faults={"nan_epoch": 1})
+        train(tiny_config(), evaluate=False, plugins=[Faults(nan_epoch=1)])
     message = str(info.value)
     checkpoint = Path(message.split("last good checkpoint: ")[1])
     state = torch.load(checkpoint / "state.pt", weights_only=True)

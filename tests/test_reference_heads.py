@@ -6,12 +6,12 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from methods.backbones import build_backbone
 from methods.base import Batch
-from methods.data import load_digits
+from methods.data.datasets import load_digits
+from methods.data.views import view_spec
+from methods.encoders.backbones import build_backbone
 from methods.registry import build_method
 from methods.training import OptimConfig, fit
-from methods.views import view_spec
 
 
 def _build(name: str, backbone: str = "convnet", size: int = 8, **hparams):

@@ -11,15 +11,11 @@ import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from methods.image_files import (
-    check_channels,
-    decode_units,
-    list_image_folder,
-    list_parquet,
-)
+from methods.data.image_files import check_channels, decode_units, list_image_folder, list_parquet
 from orchestration.config import ConfigError, load_config
 from orchestration.write_dataset import write_dataset
 from tests.conftest import ROOT
+from tests.faults import Faults
 
 IMAGES = 2000  # per split of the generated Fashion-MNIST sources
 
@@ -66,7 +62,7 @@ def test_parquet_rows_keep_their_global_index(parquet_source):
     shard = table.shard(1, 2)
     out = decode_units({k: v[:2] for k, v in shard.units.items()}, 28, 1)
     assert out["index"].tolist() == list(range(100, 200)) + list(range(300, 400))
-    from methods.data import load_fashion_mnist
+    from methods.data.datasets import load_fashion_mnist
 
     fm = load_fashion_mnist()
     np.testing.assert_array_equal(out["image"], fm.images[out["index"]].numpy())
@@ -119,7 +115,7 @@ def test_stream_loader_is_for_file_sources_and_auto_follows_size():
 
 @pytest.mark.slow
 def test_ray_data_pipeline_decodes_every_image_once(ray_cluster, image_folder):
-    from methods.data import decode_table
+    from methods.data.datasets import decode_table
     from orchestration.streaming import decoded
 
     table = list_image_folder(image_folder / "train")
@@ -156,8 +152,8 @@ def test_streamed_pcl_on_an_image_folder_with_bad_files_resumes(ray_cluster, ima
     from orchestration.run import train
 
     cfg = _streamed_config("image_folder", image_folder, tmp_path)
-    summary = train(cfg, evaluate=False, faults={"kill_worker_epoch": 1, "kill_step": 3,
-                                                  "kill_rank": 1, "marker_dir": str(tmp_path)})
+    summary = train(cfg, evaluate=False, plugins=[Faults(kill_worker_epoch=1, kill_step=3,
+                                                  kill_rank=1, marker_dir=str(tmp_path))])
     assert (tmp_path / "worker_killed").exists()
     tags = MlflowClient(summary.tracking_uri).get_run(summary.run_id).data.tags
     assert tags["loader"] == "stream"

@@ -10,14 +10,14 @@ import torch
 import torch.nn.functional as F
 from lightly.loss import NTXentLoss
 
-from methods.backbones import MultiExit, build_backbone
 from methods.base import Batch
-from methods.data import load_digits
-from methods.evaluation import knn_accuracy
-from methods.losses import selfcon, supcon
+from methods.data.datasets import load_digits
+from methods.data.views import view_spec
+from methods.encoders.backbones import MultiExit, build_backbone
+from methods.evaluation.knn import knn_accuracy
+from methods.losses.supervised import selfcon, supcon
 from methods.registry import build_method
 from methods.training import OptimConfig, encode, fit
-from methods.views import view_spec
 
 
 def _supcon_loop(feats, labels, t, base_t, anchors_views, sum_inside_log=False):

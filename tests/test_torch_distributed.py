@@ -17,11 +17,13 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from methods.backbones import build_backbone
-from methods.batchnorm import broadcast_batchnorm_stats
-from methods.clustering import run_kmeans
-from methods.data import ImageDataset
-from methods.losses import nt_xent, sinkhorn
+from methods.clustering.kmeans import run_kmeans
+from methods.data.datasets import ImageDataset
+from methods.data.views import view_spec
+from methods.encoders.backbones import build_backbone
+from methods.encoders.batchnorm import broadcast_batchnorm_stats
+from methods.losses.codes import sinkhorn
+from methods.losses.contrastive import nt_xent
 from methods.registry import available, build_method
 from methods.training import (
     OptimConfig,
@@ -31,7 +33,6 @@ from methods.training import (
     memory_batches,
     train_epoch,
 )
-from methods.views import view_spec
 
 WORLD = 2
 

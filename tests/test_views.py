@@ -7,7 +7,7 @@ import pytest
 import torch
 from torchvision.transforms import v2
 
-from methods.views import PRESETS, ViewSpec, augment, gaussian_blur, to_input, view_spec
+from methods.data.views import PRESETS, ViewSpec, augment, gaussian_blur, to_input, view_spec
 
 NO_AUG = dict(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip_p=0.0, jitter_p=0.0, grayscale_p=0.0,
               blur_p=0.0)

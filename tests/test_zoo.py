@@ -12,28 +12,19 @@ import torch.nn.functional as F
 from lightly.loss import DINOLoss, NegativeCosineSimilarity, SwaVLoss
 from lightly.loss.swav_loss import sinkhorn as lightly_sinkhorn
 
-from methods.backbones import build_backbone
 from methods.base import Batch
-from methods.data import load_digits
-from methods.evaluation import knn_accuracy
-from methods.losses import (
-    bilinear_score,
-    cosine_score,
-    cross_view_info_nce,
-    dino_loss,
-    dot_score,
-    euclidean_score,
-    info_nce_in_batch,
-    margin_contrastive,
-    negative_cosine,
-    sinkhorn,
-    swav_loss,
-    triplet,
-    update_center,
-)
+from methods.data.datasets import load_digits
+from methods.data.views import view_spec
+from methods.encoders.backbones import build_backbone
+from methods.evaluation.knn import knn_accuracy
+from methods.losses.codes import sinkhorn, swav_loss
+from methods.losses.contrastive import cross_view_info_nce, info_nce_in_batch
+from methods.losses.distillation import dino_loss, update_center
+from methods.losses.metric_learning import margin_contrastive, triplet
+from methods.losses.predictive import negative_cosine
+from methods.losses.similarity import bilinear_score, cosine_score, dot_score, euclidean_score
 from methods.registry import build_method
 from methods.training import OptimConfig, encode, fit
-from methods.views import view_spec
 
 
 def test_negative_cosine_matches_lightly_and_stops_gradient():
@@ -203,7 +194,7 @@ def test_no_collapse_and_beats_random_encoder(name, hparams):
 
 
 def test_gumbel_quantizer_outputs_codes_with_gradients():
-    from methods.heads import GumbelQuantizer
+    from methods.encoders.heads import GumbelQuantizer
 
     torch.manual_seed(0)
     q = GumbelQuantizer(in_dim=6, codebook_size=5, code_dim=3)
@@ -250,7 +241,7 @@ def test_cross_view_info_nce_matches_equation():
 
 
 def test_cmc_views():
-    from methods.views import gradient_magnitude, rgb_to_lab, split_views
+    from methods.data.views import gradient_magnitude, rgb_to_lab, split_views
 
     lab = rgb_to_lab(torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]]).view(2, 3, 1, 1)).view(2, 3)
     torch.testing.assert_close(lab[0], torch.tensor([100.0, 0.0, 0.0]), atol=1e-3, rtol=0)

@@ -14,10 +14,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from methods.base import Batch, Method
-from methods.heads import projection_mlp
-from methods.losses import negative_cosine
-from methods.momentum import check_momentum, cosine_momentum, ema_update, momentum_copy
-from methods.views import ViewSpec
+from methods.data.views import ViewSpec
+from methods.encoders.heads import projection_mlp
+from methods.encoders.momentum import check_momentum, cosine_momentum, ema_update, momentum_copy
+from methods.losses.predictive import negative_cosine
 
 
 def embedding_std(z: torch.Tensor) -> float:

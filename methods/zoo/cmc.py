@@ -16,11 +16,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from methods.backbones import fresh_copy, with_in_channels
 from methods.base import Batch, Method
-from methods.losses import check_temperature, cross_view_info_nce, info_nce
-from methods.momentum import MemoryBank, check_momentum
-from methods.views import ViewSpec, split_views
+from methods.data.views import ViewSpec, split_views
+from methods.encoders.backbones import fresh_copy, with_in_channels
+from methods.encoders.momentum import MemoryBank, check_momentum
+from methods.losses.contrastive import check_temperature, cross_view_info_nce, info_nce
 
 
 class CMC(Method):

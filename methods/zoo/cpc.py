@@ -23,8 +23,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from methods.base import Batch, Method
-from methods.losses import check_temperature, cosine_score
-from methods.views import ViewSpec, augment
+from methods.data.views import ViewSpec, augment
+from methods.losses.contrastive import check_temperature
+from methods.losses.similarity import cosine_score
 
 
 class RowCausalConv(nn.Module):

@@ -16,10 +16,11 @@ import torch
 import torch.nn as nn
 
 from methods.base import Batch, Method, check_at_least
-from methods.heads import DINOHead
-from methods.losses import check_temperature, dino_loss, update_center
-from methods.momentum import check_momentum, cosine_momentum, ema_update, momentum_copy
-from methods.views import ViewSpec
+from methods.data.views import ViewSpec
+from methods.encoders.heads import DINOHead
+from methods.encoders.momentum import check_momentum, cosine_momentum, ema_update, momentum_copy
+from methods.losses.contrastive import check_temperature
+from methods.losses.distillation import dino_loss, update_center
 
 
 class DINO(Method):

@@ -30,8 +30,8 @@ import torch.nn as nn
 from torch.func import functional_call
 
 from methods.base import Batch, DevicePrototypes, Method
-from methods.losses import uniformity
-from methods.views import to_input
+from methods.data.views import to_input
+from methods.losses.uniformity import uniformity
 
 
 def semantic_regularizer(in_channels: int, channels: int, num_semantics: int) -> nn.Sequential:

@@ -21,9 +21,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from methods.base import Batch, Method
-from methods.losses import check_temperature, nce_loss
-from methods.momentum import MemoryBank, check_momentum
-from methods.views import ViewSpec
+from methods.data.views import ViewSpec
+from methods.encoders.momentum import MemoryBank, check_momentum
+from methods.losses.contrastive import check_temperature, nce_loss
 
 
 class InstDisc(Method):

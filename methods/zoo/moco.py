@@ -16,11 +16,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from methods.base import Batch, Method, check_at_least
-from methods.batchnorm import check_bn_splits, shuffled_forward, split_batchnorm
-from methods.heads import projection_mlp
-from methods.losses import check_temperature, gather_no_grad, info_nce
-from methods.momentum import FeatureQueue, check_momentum, ema_update, momentum_copy
-from methods.views import ViewSpec
+from methods.data.views import ViewSpec
+from methods.encoders.batchnorm import check_bn_splits, shuffled_forward, split_batchnorm
+from methods.encoders.heads import projection_mlp
+from methods.encoders.momentum import FeatureQueue, check_momentum, ema_update, momentum_copy
+from methods.losses.contrastive import check_temperature, info_nce
+from methods.losses.distributed import gather_no_grad
 
 
 class MoCo(Method):

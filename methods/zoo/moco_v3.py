@@ -16,10 +16,10 @@ import torch.nn as nn
 import torchvision
 
 from methods.base import Batch, Method
-from methods.heads import projection_mlp
-from methods.losses import check_temperature, info_nce_in_batch
-from methods.momentum import check_momentum, cosine_momentum, ema_update, momentum_copy
-from methods.views import ViewSpec
+from methods.data.views import ViewSpec
+from methods.encoders.heads import projection_mlp
+from methods.encoders.momentum import check_momentum, cosine_momentum, ema_update, momentum_copy
+from methods.losses.contrastive import check_temperature, info_nce_in_batch
 
 
 class MoCoV3(Method):

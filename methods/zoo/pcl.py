@@ -15,8 +15,8 @@ import torch
 import torch.nn as nn
 
 from methods.base import Batch, DevicePrototypes, PrototypeSchedule, check_at_least
-from methods.losses import info_nce, proto_nce, sample_negative_prototypes
-from methods.views import ViewSpec
+from methods.data.views import ViewSpec
+from methods.losses.contrastive import info_nce, proto_nce, sample_negative_prototypes
 from methods.zoo.moco import MoCo
 
 

@@ -16,11 +16,12 @@ from typing import Literal
 import torch
 import torch.nn as nn
 
-from methods.backbones import MultiExit
 from methods.base import Batch, Method
-from methods.heads import projection_mlp
-from methods.losses import check_temperature, selfcon
-from methods.views import ViewSpec
+from methods.data.views import ViewSpec
+from methods.encoders.backbones import MultiExit
+from methods.encoders.heads import projection_mlp
+from methods.losses.contrastive import check_temperature
+from methods.losses.supervised import selfcon
 from methods.zoo.supcon import batch_labels
 
 

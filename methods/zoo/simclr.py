@@ -9,9 +9,9 @@ import torch
 import torch.nn as nn
 
 from methods.base import Batch, Method
-from methods.heads import projection_mlp, scale_only_batchnorm
-from methods.losses import check_temperature, nt_xent
-from methods.views import ViewSpec
+from methods.data.views import ViewSpec
+from methods.encoders.heads import projection_mlp, scale_only_batchnorm
+from methods.losses.contrastive import check_temperature, nt_xent
 
 
 class SimCLR(Method):

@@ -13,9 +13,9 @@ import torch
 import torch.nn as nn
 
 from methods.base import Batch, Method
-from methods.heads import projection_mlp
-from methods.losses import negative_cosine
-from methods.views import ViewSpec
+from methods.data.views import ViewSpec
+from methods.encoders.heads import projection_mlp
+from methods.losses.predictive import negative_cosine
 from methods.zoo.byol import embedding_std
 
 

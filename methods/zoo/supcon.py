@@ -13,9 +13,10 @@ import torch
 import torch.nn as nn
 
 from methods.base import Batch, Method
-from methods.heads import projection_mlp
-from methods.losses import check_temperature, supcon
-from methods.views import ViewSpec
+from methods.data.views import ViewSpec
+from methods.encoders.heads import projection_mlp
+from methods.losses.contrastive import check_temperature
+from methods.losses.supervised import supcon
 
 
 def batch_labels(batch: Batch, supervised: bool) -> torch.Tensor | None:

@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from methods.base import Batch, DevicePrototypes, Method
-from methods.views import ViewSpec
+from methods.data.views import ViewSpec
 from methods.zoo.supcon import batch_labels
 
 

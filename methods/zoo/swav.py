@@ -17,9 +17,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from methods.base import Batch, Method
-from methods.heads import projection_mlp
-from methods.losses import check_temperature, swav_loss
-from methods.views import ViewSpec
+from methods.data.views import ViewSpec
+from methods.encoders.heads import projection_mlp
+from methods.losses.codes import swav_loss
+from methods.losses.contrastive import check_temperature
 
 
 class SwAV(Method):

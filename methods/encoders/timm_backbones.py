@@ -12,7 +12,7 @@ Small-image adaptations, below 64 px (the same threshold as protoray's torchvisi
   (``data.view_size``, multi-crop) interpolate the position embedding instead of failing.
 - Other families keep timm's own stem; most downsample 32x, so their last map is 1x1 at 32 px.
 
-Every setting is recorded in the backbone's ``recipe`` (``methods.recipes``), which an export
+Every setting is recorded in the backbone's ``recipe`` (``methods.encoders.recipes``), which an export
 writes to its JSON.
 """
 
@@ -22,7 +22,7 @@ import re
 
 import torch.nn as nn
 
-from methods.recipes import Recipe, Replace, apply_replacements, small_stem
+from methods.encoders.recipes import Recipe, Replace, apply_replacements, small_stem
 
 PREFIX = "timm/"
 SMALL_IMAGES = 64  # below this side the adaptations above apply

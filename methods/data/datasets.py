@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from methods.image_files import ImageTable, check_channels, decode_units, list_image_folder
+from methods.data.image_files import ImageTable, check_channels, decode_units, list_image_folder
 
 FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_INSTALL = "apt-get install -y dataset-fashion-mnist"
@@ -138,7 +138,7 @@ def load_digits(split: str = "train", test_fraction: float = 0.25, seed: int = 0
 
 
 def decode_table(table: ImageTable, image_size: int, channels: int) -> ImageDataset:
-    """Every image of ``table`` (``methods.image_files``) decoded in this process, resized to a
+    """Every image of ``table`` (``methods.data.image_files``) decoded in this process, resized to a
     square ``image_size``; unreadable ones are left out and counted in ``skipped``."""
     out = decode_units(table.units, image_size, channels, table.image_column, table.label_column)
     return ImageDataset(torch.from_numpy(out["image"]), torch.from_numpy(out["label"]),

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from methods.recipes import Recipe, build
+from methods.encoders.recipes import Recipe, build
 
 FORMAT = "protoray-encoder/1"
 WEIGHTS_FILE = "encoder.safetensors"

@@ -1,38 +1,12 @@
-"""How good a representation is, without training the encoder further.
-
-Three views of one embedding: weighted kNN (no training at all), a linear probe (the standard
-protocol), and how well k-means with K = number of classes recovers the labels (AMI/NMI/ARI),
-which is what prototype methods like PCL claim to improve.
-"""
+"""Linear evaluation of a frozen embedding: logistic regression on its features, or SGD on the
+encoder's output as the MoCo/PCL papers do."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-
-def knn_accuracy(train: np.ndarray, train_labels: np.ndarray, test: np.ndarray,
-                 test_labels: np.ndarray, k: int = 200, temperature: float = 0.1,
-                 chunk: int = 1024) -> float:
-    """Weighted kNN on cosine similarity (Wu et al. 2018, InstDisc, sec. 3.4): the top-k
-    neighbours vote for their class with weight exp(s_i / temperature)."""
-    bank = F.normalize(torch.as_tensor(train, dtype=torch.float32), dim=1)
-    bank_labels = torch.as_tensor(train_labels, dtype=torch.long)
-    queries = F.normalize(torch.as_tensor(test, dtype=torch.float32), dim=1)
-    num_classes = int(max(bank_labels.max(), int(test_labels.max()))) + 1
-    k = min(k, len(bank))
-    preds = []
-    for i in range(0, len(queries), chunk):
-        sim, idx = (queries[i : i + chunk] @ bank.T).topk(k, dim=1)  # [n, k]
-        votes = torch.zeros(len(sim), num_classes)
-        votes.scatter_add_(1, bank_labels[idx], (sim / temperature).exp())
-        preds.append(votes.argmax(1))
-    return float((torch.cat(preds).numpy() == np.asarray(test_labels)).mean())
-
 
 # Inverse L2 strengths the linear probe chooses from on a held-out tenth of the training split:
 # the regularisation is selected on validation data, as in the logistic-regression protocol of
@@ -108,95 +82,6 @@ def linear_probe_exits(train: dict[str, np.ndarray], train_labels: np.ndarray,
     return out
 
 
-def cluster_scores(features: np.ndarray, labels: np.ndarray, num_clusters: int | None = None,
-                   seed: int = 0, repeats: int = 5) -> dict[str, float]:
-    """AMI, NMI and ARI of faiss k-means (K = number of classes) on L2-normalised features, each
-    the median over ``repeats`` k-means seeds (``seed``, ``seed + 1``, ...).
-
-    Why a median: on fixed PCL features of the Fashion-MNIST test images, single k-means seeds
-    moved the AMI by several points, and keeping the lowest objective of 10 restarts did not
-    settle it, a spread as large as the differences between training settings
-    (benchmarks/RESULTS.md, PCL evaluation-side checks).
-    """
-    from sklearn.metrics import (
-        adjusted_mutual_info_score,
-        adjusted_rand_score,
-        normalized_mutual_info_score,
-    )
-
-    from methods.clustering import run_kmeans
-
-    if repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {repeats}")
-    x = F.normalize(torch.as_tensor(features, dtype=torch.float32), dim=1).numpy()
-    k = num_clusters or int(np.max(labels)) + 1
-    runs = []
-    for i in range(repeats):
-        pred = run_kmeans(x, [k], seed=seed + i, nredo=3).assignments[0]
-        runs.append((adjusted_mutual_info_score(labels, pred),
-                     normalized_mutual_info_score(labels, pred), adjusted_rand_score(labels, pred)))
-    ami, nmi, ari = np.median(np.asarray(runs), axis=0)
-    return {"ami": float(ami), "nmi": float(nmi), "ari": float(ari)}
-
-
-# One fixed C instead of choosing it on held-out data (choosing fits the probe several times, too
-# slow for `make demo`). 0.1 is what that choice picked for PCL's features (RESULTS.md); the solver
-# converges on the encoder's features and on raw pixels within max_iter.
-FAST_PROBE = {"cs": (0.1,), "max_iter": 1000}
-
-
-def evaluate(train: np.ndarray, train_labels: np.ndarray, test: np.ndarray,
-             test_labels: np.ndarray, seed: int = 0, probe: dict | None = None
-             ) -> dict[str, float]:
-    """kNN and linear accuracy on the test split, clustering scores on the test split.
-    ``probe``: keyword arguments of ``linear_probe_accuracy`` (e.g. ``FAST_PROBE``)."""
-    return {"knn": knn_accuracy(train, train_labels, test, test_labels),
-            "linear": linear_probe_accuracy(train, train_labels, test, test_labels, seed=seed,
-                                            **(probe or {})),
-            **cluster_scores(test, test_labels, seed=seed)}
-
-
-def tsne_layout(features: np.ndarray, max_points: int = 2000, seed: int = 0
-                ) -> tuple[np.ndarray, np.ndarray]:
-    """(rows ``[n]``, 2-D t-SNE coordinates ``[n, 2]``) of a seeded sample of ``features``
-    (L2-normalised first); compute once and colour it several ways with ``embedding_plot``."""
-    from sklearn.manifold import TSNE
-
-    rng = np.random.default_rng(seed)
-    rows = rng.choice(len(features), min(max_points, len(features)), replace=False)
-    xy = TSNE(init="pca", random_state=seed, perplexity=30).fit_transform(
-        F.normalize(torch.as_tensor(features[rows], dtype=torch.float32), dim=1).numpy())
-    return rows, xy
-
-
-def embedding_plot(features: np.ndarray, colors: np.ndarray, path: str | Path, title: str = "",
-                   class_names: tuple[str, ...] = (), max_points: int = 2000, seed: int = 0,
-                   layout: tuple[np.ndarray, np.ndarray] | None = None) -> Path:
-    """A 2-D t-SNE of (a sample of) the embedding, coloured by ``colors`` (labels or clusters);
-    ``layout``: a ``tsne_layout`` of the same features, to skip computing it again."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows, xy = layout if layout is not None else tsne_layout(features, max_points, seed)
-    fig, ax = plt.subplots(figsize=(6, 6))
-    points = ax.scatter(xy[:, 0], xy[:, 1], c=colors[rows], s=4, cmap="tab10" if
-                        colors.max() < 10 else "nipy_spectral")
-    if class_names and colors.max() < len(class_names):
-        handles = points.legend_elements()[0]
-        ax.legend(handles, [class_names[int(c)] for c in np.unique(colors[rows])],
-                  fontsize=7, loc="best", markerscale=0.8)
-    ax.set_title(title)
-    ax.set_xticks([])
-    ax.set_yticks([])
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
-
-
 def sgd_linear_probe(embed, views, train_images: torch.Tensor, train_labels: torch.Tensor,
                      test_images: torch.Tensor, test_labels: torch.Tensor, epochs: int = 10,
                      lr: float = 0.1, batch_size: int = 256, seed: int = 0,
@@ -215,7 +100,7 @@ def sgd_linear_probe(embed, views, train_images: torch.Tensor, train_labels: tor
     """
     from dataclasses import replace
 
-    from methods.views import augment, to_input
+    from methods.data.views import augment, to_input
 
     crops = replace(views, jitter_p=0.0, grayscale_p=0.0, blur_p=0.0)
     generator = torch.Generator().manual_seed(seed)

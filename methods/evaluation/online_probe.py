@@ -35,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from methods.base import Method
-from methods.views import to_input
+from methods.data.views import to_input
 
 
 class OnlineProbe(nn.Module):

@@ -2,7 +2,7 @@
 
 Every backbone maps ``[B, C, H, W]`` to a pooled feature ``[B, feature_dim]``; heads live in
 ``heads.py`` so a method can attach a projection, a predictor or prototypes without touching it.
-Every backbone ``build_backbone`` returns also carries a ``recipe`` (``methods.recipes``): how to
+Every backbone ``build_backbone`` returns also carries a ``recipe`` (``methods.encoders.recipes``): how to
 build the same module without protoray, which ``protoray export`` writes beside the weights.
 """
 
@@ -14,9 +14,9 @@ import torch
 import torch.nn as nn
 import torchvision
 
-from methods.recipes import build, protoray_recipe, resnet_recipe
-from methods.timm_backbones import PREFIX as TIMM_PREFIX
-from methods.timm_backbones import check_timm_name, timm_backbone
+from methods.encoders.recipes import build, protoray_recipe, resnet_recipe
+from methods.encoders.timm_backbones import PREFIX as TIMM_PREFIX
+from methods.encoders.timm_backbones import check_timm_name, timm_backbone
 
 BACKBONES = ("convnet", "convnet_wide", "convnet_1024", "convnet_wide_1024", "convnet_wide_signed",
              "resnet18", "resnet50", "vit_tiny")
@@ -111,7 +111,7 @@ def check_backbone_name(name: str) -> str:
 def build_backbone(name: str, in_channels: int, image_size: int) -> nn.Module:
     """A backbone with ``feature_dim`` and ``recipe`` attributes. ResNets (torchvision's and
     timm's) switch to the small-image stem below 64 px; ``timm/<name>``: see
-    ``methods.timm_backbones``. ``ValueError`` for an unknown name."""
+    ``methods.encoders.timm_backbones``. ``ValueError`` for an unknown name."""
     if name.startswith(TIMM_PREFIX):
         return timm_backbone(name[len(TIMM_PREFIX):], in_channels, image_size)
     if name in ("resnet18", "resnet50"):
