@@ -27,7 +27,7 @@ LOCAL = CLUSTERS / "local.md"
 PYPROJECT = (ROOT / "pyproject.toml").read_text()  # tomllib is not in Python 3.10
 RAY_PIN = re.search(r'"(ray\[[^"]+\]==[^"]+)"', PYPROJECT)[1]
 VERSION = re.search(r'^version = "(.+)"', PYPROJECT, re.M)[1]
-PACKAGES = sorted(set(re.findall(r'"(\w+)[."]', re.search(r"^packages = \[(.*)\]", PYPROJECT, re.M)[1])))
+PACKAGES = re.findall(r'"(\w+)\*"', re.search(r"^include = \[(.*)\]", PYPROJECT, re.M)[1])  # packages.find
 TORCH_PINS = re.search(r"install (torch==\S+ torchvision==\S+)", (ROOT / "Makefile").read_text())[1]
 ACTOR_RESOURCES = "clustering.actor_resources"
 
@@ -275,6 +275,7 @@ def test_dockerfile_installs_what_the_recipes_need():
     assert f"pip install --no-cache-dir {TORCH_PINS}" in text
     assert f'pip install --no-cache-dir "{RAY_PIN}"' in text
     assert "pip install --no-cache-dir .\n" in text
+    assert PACKAGES == ["methods", "orchestration"]
     for package in PACKAGES:
         assert f"COPY {package} {package}" in text
     assert built_image().endswith(":" + VERSION)
