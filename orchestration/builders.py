@@ -34,6 +34,13 @@ class TableSplits:
     streams: bool  # training streams through Ray Data (``DataSection.streams``)
 
     @property
+    def unlabelled(self) -> bool:
+        """No image has a label: image files all listed -1, or parquet without a label column."""
+        files = self.train.units["row_group"] < 0
+        return bool((self.train.units["label"][files] < 0).all()
+                    and (files.all() or self.train.label_column is None))
+
+    @property
     def knn_bank(self) -> ImageTable:
         return _first_images(self.train, KNN_BANK_SIZE)
 
@@ -59,9 +66,9 @@ def list_split(cfg: ExperimentConfig, split: str) -> ImageTable:
     d = cfg.data
     root = Path(d.root)
     if d.name == "image_folder":
-        return list_image_folder(split_folder(root, split))
+        return list_image_folder(split_folder(root, split), d.labels)
     folder = split_folder(root, split) if root.is_dir() else root
-    return list_parquet(folder, d.image_column, d.label_column)
+    return list_parquet(folder, d.image_column, d.label_column, d.labels)
 
 
 def table_splits(cfg: ExperimentConfig) -> TableSplits:
@@ -85,18 +92,26 @@ def load_splits(cfg: ExperimentConfig, with_test: bool = False) -> Splits:
     if cfg.data.name in STREAMED:
         return _decoded_table_splits(cfg, with_test)
     d = cfg.data
-    full = load_dataset(d.name, "train", d.root, d.image_size, d.torchvision_name)
+    full = load_dataset(d.name, "train", d.root, d.image_size, d.torchvision_name, d.labels)
     if d.limit:
         full = full.subset(torch.arange(min(d.limit, len(full))))
+    if d.labels == "none":  # a labelled set trained as unlabelled: its labels are never read
+        full = _without_labels(full)
     order = torch.randperm(len(full), generator=torch.Generator().manual_seed(cfg.seed))
     n_hold = min(d.knn_holdout, len(full) // 5)
     test = None
     if with_test:
         try:
-            test = load_dataset(d.name, "test", d.root, d.image_size, d.torchvision_name)
+            test = load_dataset(d.name, "test", d.root, d.image_size, d.torchvision_name, d.labels)
         except (FileNotFoundError, ValueError):
             test = None
+        if test is not None and d.labels == "none":
+            test = _without_labels(test)
     return Splits(full.subset(order[n_hold:].sort().values), full.subset(order[:n_hold]), test)
+
+
+def _without_labels(dataset: ImageDataset) -> ImageDataset:
+    return ImageDataset(dataset.images, torch.full_like(dataset.labels, -1), (), dataset.skipped)
 
 
 def _decoded_table_splits(cfg: ExperimentConfig, with_test: bool) -> Splits:
@@ -115,6 +130,48 @@ def _decoded_table_splits(cfg: ExperimentConfig, with_test: bool) -> Splits:
     size, channels = d.image_size, tables.channels
     return Splits(decode_table(train, size, channels), decode_table(tables.holdout, size, channels),
                   decode_table(test, size, channels) if test is not None else None)
+
+
+def eval_config(cfg: ExperimentConfig) -> ExperimentConfig | None:
+    """The experiment with ``eval_data`` in place of ``data`` (what ``load_splits`` reads), or
+    None without an ``eval_data`` section. Not re-validated: the training checks do not apply."""
+    if cfg.eval_data is None:
+        return None
+    return cfg.model_copy(update={"data": cfg.eval_data, "eval_data": None})
+
+
+def labelled_splits(cfg: ExperimentConfig, channels: int, side: int, with_test: bool = False
+                    ) -> Splits | None:
+    """The labelled images kNN, probes and AMI/NMI/ARI are scored on: ``eval_data``'s splits
+    converted to the trained encoder's ``channels`` and ``side`` (``match_images``), else the
+    training source's own where any image is labelled, else None (nothing to score)."""
+    other = eval_config(cfg)
+    splits = load_splits(other or cfg, with_test)
+    if other is not None:
+        splits = Splits(*(None if part is None else match_images(part, channels, side)
+                          for part in (splits.train, splits.holdout, splits.test)))
+        if not splits.train.is_labelled:
+            raise ValueError(f"eval_data: {cfg.eval_data.name} at {cfg.eval_data.root} has no "
+                             "labels; give a labelled set (class sub-folders, a label column)")
+    return splits if splits.train.is_labelled else None
+
+
+def match_images(dataset: ImageDataset, channels: int, side: int) -> ImageDataset:
+    """``dataset`` with ``channels`` (grayscale repeated to RGB, RGB to its ITU-R 601 luma) and a
+    square ``side`` (antialiased bilinear resize), so an encoder trained on one source can be
+    scored on another."""
+    images = dataset.images
+    if images.shape[1] != channels:
+        if channels == 3:
+            images = images.repeat(1, 3, 1, 1)
+        else:
+            weights = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+            images = (images.float() * weights).sum(1, keepdim=True).round().clamp(0, 255).byte()
+    if images.shape[-1] != side or images.shape[-2] != side:
+        images = torch.nn.functional.interpolate(images.float(), size=(side, side), mode="bilinear",
+                                                 antialias=True, align_corners=False)
+        images = images.round().clamp(0, 255).byte()
+    return ImageDataset(images.contiguous(), dataset.labels, dataset.classes, dataset.skipped)
 
 
 def make_method(cfg: ExperimentConfig, in_channels: int, image_size: int, rank: int = 0) -> Method:

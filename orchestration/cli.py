@@ -4,7 +4,7 @@
     protoray train --resume RUN_ID [--tracking-uri URI] [--address ADDR]
     protoray eval CHECKPOINT
     protoray export CHECKPOINT_OR_RUN --to DIR [--tracking-uri URI]
-    protoray sweep CONFIG --space SPACE.yaml [--num-samples N] [--scheduler asha|none]
+    protoray sweep CONFIG --space SPACE.yaml [--num-samples N] [--scheduler asha|none] [--metric M]
     protoray sweep --resume SWEEP_DIR
 
 Exit codes: 0 done, 2 bad configuration or input, 1 training failed or stopped.
@@ -39,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="continue this MLflow run from its latest checkpoint after its driver "
                         "died (Ctrl-C prints the command); takes no CONFIG or --set")
     w = sub.add_parser("sweep", help="Ray Tune sweep of a config over a search space",
-                       description="Run trials of CONFIG over SPACE with Ray Tune (ASHA on online kNN) "
+                       description="Run trials of CONFIG over SPACE with Ray Tune (ASHA on --metric) "
                                    "and record them as nested MLflow runs; prints one row per trial.")
     w.add_argument("config", nargs="?", help="experiment YAML the trials start from")
     w.add_argument("--space", help="YAML: config.path: {loguniform|uniform|randint|choice|grid_search: ...}")
@@ -47,6 +47,11 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--scheduler", choices=["asha", "none"], default="asha",
                    help="asha: stop trials that fall behind early; none: run every trial to the end")
     w.add_argument("--max-concurrent", type=int, default=2, help="trials at once (default 2)")
+    w.add_argument("--metric", default="knn_holdout",
+                   help="what ranks the trials: knn_holdout (default), probe_holdout, or a label-free "
+                        "score for unlabelled images: rankme, alignment, uniformity, cluster_entropy")
+    w.add_argument("--mode", choices=["max", "min"], default=None,
+                   help="whether higher or lower --metric is better (default: the metric's own)")
     w.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[],
                    metavar="KEY=VALUE", help="override base config values (repeatable)")
     w.add_argument("--no-eval", action="store_true", help="skip each trial's final test evaluation")
@@ -87,15 +92,28 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--repeat", type=int, default=1,
                    help="write every training image this many times under new names")
     d.add_argument("--limit", type=int, default=None, help="only the first N images of each split")
+    d.add_argument("--unlabelled", action="store_true",
+                   help="write the training split without labels (a flat folder, parquet without "
+                        "a label column), as your own photos come; val keeps its labels")
     return p
 
 
 def print_metrics(metrics: dict[str, float]) -> None:
-    names = ("knn", "linear", "ami", "nmi", "ari")
-    print(f"{'features':12}" + "".join(f"{n:>9}" for n in names))
-    for prefix, label in (("test_", "encoder"), ("pixels_", "raw pixels")):
-        if f"{prefix}knn" in metrics:
-            print(f"{label:12}" + "".join(f"{metrics[prefix + n]:9.4f}" for n in names))
+    """The final scores: the labelled table where there is one, the label-free line always."""
+    from orchestration.evaluate import NO_LABELS
+
+    if metrics and "test_knn" not in metrics:
+        print(f"protoray: note: {NO_LABELS}")
+    if "test_knn" in metrics:
+        names = ("knn", "linear", "ami", "nmi", "ari")
+        print(f"{'features':12}" + "".join(f"{n:>9}" for n in names))
+        for prefix, label in (("test_", "encoder"), ("pixels_", "raw pixels")):
+            if f"{prefix}knn" in metrics:
+                print(f"{label:12}" + "".join(f"{metrics[prefix + n]:9.4f}" for n in names))
+    free = [f"{n} {metrics['test_' + n]:.3f}" for n in ("rankme", "alignment", "uniformity")
+            if "test_" + n in metrics]
+    if free:
+        print("label-free   " + "  ".join(free))
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -151,7 +169,8 @@ def _sweep(args: argparse.Namespace) -> int:
         cfg = load_config(args.config, args.overrides)
         table = run_sweep(cfg, load_space(args.space), num_samples=args.num_samples,
                       scheduler=args.scheduler, max_concurrent_trials=args.max_concurrent,
-                      evaluate=not args.no_eval, address=args.address)
+                      evaluate=not args.no_eval, address=args.address, metric=args.metric,
+                      mode=args.mode)
     print("\n" + format_table(table))
     return 0
 
@@ -190,7 +209,7 @@ def _write_dataset(args: argparse.Namespace) -> int:
     from orchestration.write_dataset import write_dataset
 
     out = write_dataset(args.name, args.out, args.format, args.size, args.rgb, args.repeat,
-                        args.limit)
+                        args.limit, unlabelled=args.unlabelled)
     from orchestration.config import KNOWN_SHAPES
 
     side = args.size or KNOWN_SHAPES[args.name][1]  # else trained at data.image_size's default

@@ -14,6 +14,7 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 import yaml
 from pydantic import (
     BaseModel,
@@ -71,7 +72,10 @@ class DataSection(Section):
                                            "parquet image to grayscale (1) or RGB (3); None: the "
                                            "files' own, which must agree")
     image_column: str = "image"  # parquet: encoded image bytes (or a {bytes, path} struct)
-    label_column: str | None = "label"  # parquet: integer labels; None: unlabelled
+    label_column: str | None = "label"  # parquet: integer labels (nulls: unlabelled); None: none
+    labels: Literal["auto", "folders", "none"] = Field(
+        "auto", description="image_folder: folders: the first sub-folder is the class; none: "
+        "train without labels; auto: folders when every image sits in a sub-folder")
     loader: Literal["auto", "memory", "stream"] = Field(
         "auto", description="memory: decode the training set into every worker; stream: Ray "
         "Data decodes it in CPU tasks while the workers train (image_folder and parquet only); "
@@ -293,6 +297,9 @@ class ExperimentConfig(Section):
     clustering: ClusteringSection = Field(default_factory=ClusteringSection)
     scaling: ScalingSection = Field(default_factory=ScalingSection)
     tracking: TrackingSection = Field(default_factory=TrackingSection)
+    # a labelled set to score the online kNN and the final kNN, linear and AMI/NMI/ARI on, as
+    # ImageNet pre-training is scored; None: the training source's own labels, where it has any
+    eval_data: DataSection | None = None
 
     @model_validator(mode="after")
     def _cross_section(self) -> ExperimentConfig:
@@ -351,7 +358,9 @@ class ExperimentConfig(Section):
         the hyperparameters' only validation, and a per-worker batch it cannot split (MoCo's
         shuffling BN) fails here rather than in a worker."""
         method = self.build_method(*input_shape(self.data))
-        method.check_batch_size(self.optim.batch_size // self.scaling.num_workers)
+        per_worker = self.optim.batch_size // self.scaling.num_workers
+        method.check_batch_size(per_worker)
+        check_batchnorm_batch(method, per_worker)
         if self.scaling.sync_batchnorm and not self.scaling.use_gpu:
             raise ValueError("scaling.sync_batchnorm: torch's SyncBatchNorm runs on GPUs only; set "
                              "scaling.use_gpu: true or scaling.sync_batchnorm: false")
@@ -378,7 +387,9 @@ class ExperimentConfig(Section):
     def flat(self) -> dict[str, Any]:
         """``section.field`` -> value, for MLflow params and sweep keys."""
         out: dict[str, Any] = {"seed": self.seed}
-        for section in ("data", "model", "optim", "clustering", "scaling", "tracking"):
+        for section in ("data", "model", "optim", "clustering", "scaling", "tracking", "eval_data"):
+            if getattr(self, section) is None:
+                continue
             for key, value in getattr(self, section).model_dump().items():
                 out[f"{section}.{key}"] = value
         out["method.name"] = self.method.name
@@ -386,6 +397,21 @@ class ExperimentConfig(Section):
         for key, value in self.method.resolved().items():
             out[f"method.{key}"] = value
         return out
+
+
+def check_batchnorm_batch(method: Method, per_worker: int) -> None:
+    """Refuse a per-worker batch at which a training-mode BatchNorm after global pooling (the
+    projection heads' ``BatchNorm1d``) would see one value per channel: torch raises there, and
+    a 1-image slice has no batch statistics to normalise by. Split BatchNorm counts per slice.
+    Raises ``ValueError`` naming ``optim.batch_size`` and the smallest value that trains."""
+    norms = [m for m in method.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    splits = max([getattr(m, "splits", 1) for m in norms])
+    if per_worker // splits < 2:
+        raise ValueError(f"optim.batch_size: {per_worker} image(s) per worker in {splits} "
+                         f"BatchNorm slice(s) leaves BatchNorm one value per channel; set "
+                         f"optim.batch_size to at least 2 x {splits} x scaling.num_workers")
 
 
 def _format(error: ValidationError) -> str:

@@ -16,7 +16,12 @@ from mlflow.tracking import MlflowClient
 
 from orchestration.tracking import epoch_history
 
-EPOCH_KEYS = ("loss", "knn_holdout", "probe_holdout", "estep_s", "epoch_s")
+EPOCH_KEYS = ("loss", "knn_holdout", "probe_holdout", "rankme", "alignment", "uniformity",
+              "cluster_entropy", "estep_s", "epoch_s")
+# console name and format of each score, in the order printed
+SCORES = (("knn_holdout", "knn", ".3f"), ("probe_holdout", "probe", ".3f"),
+          ("rankme", "rankme", ".1f"), ("alignment", "align", ".3f"),
+          ("uniformity", "unif", ".2f"), ("cluster_entropy", "clusters-H", ".2f"))
 
 
 def quiet_libraries(verbose: bool) -> None:
@@ -38,16 +43,14 @@ def quiet_libraries(verbose: bool) -> None:
 
 
 def format_epoch(epoch: int, epochs: int, values: dict[str, float], seconds: list[float]) -> str:
-    """``epoch 3/6  loss 6.21  knn 0.803  probe 0.842  e-step 14 s  epoch 118 s  eta 6 min``
-    (``probe``: the online linear probe, where the data has labels); ``seconds`` are
-    the durations of every epoch so far (this one included), for the time left."""
+    """``epoch 3/6  loss 6.21  knn 0.803  probe 0.842  rankme 41.2  align 0.412  unif -2.31
+    e-step 14 s  epoch 118 s  eta 6 min`` (``knn`` and ``probe`` where there are labels; the
+    label-free scores of ``methods.evaluation.label_free`` always); ``seconds`` are the
+    durations of every epoch so far (this one included), for the time left."""
     parts = [f"epoch {epoch + 1}/{epochs}"]
     if "loss" in values:
         parts.append(f"loss {values['loss']:.3f}")
-    if "knn_holdout" in values:
-        parts.append(f"knn {values['knn_holdout']:.3f}")
-    if "probe_holdout" in values:
-        parts.append(f"probe {values['probe_holdout']:.3f}")
+    parts += [f"{name} {values[key]:{spec}}" for key, name, spec in SCORES if key in values]
     if "estep_s" in values:
         parts.append(f"e-step {values['estep_s']:.0f} s")
     if "epoch_s" in values:

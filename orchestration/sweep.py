@@ -33,7 +33,9 @@ from ray import tune
 from ray.tune.search.basic_variant import BasicVariantGenerator
 from ray.tune.search.sample import Categorical, Domain, Float, Integer
 
+from methods.evaluation.label_free import LABEL_FREE_MODES
 from orchestration import tracking
+from orchestration.builders import TableSplits
 from orchestration.config import ConfigError, ExperimentConfig, build_config, load_config, set_path
 from orchestration.run import (
     check_cluster,
@@ -46,7 +48,10 @@ from orchestration.run import (
 )
 from orchestration.tracking import resolve_tracking_uri
 
-METRIC = "knn_holdout"  # what every epoch reports and ASHA ranks
+METRIC = "knn_holdout"  # the default score trials are ranked by (ASHA, the table)
+# what a trial reports every epoch and which way is better; the label-free scores need no labels
+METRIC_MODES = {"knn_holdout": "max", "probe_holdout": "max", "loss": "min", **LABEL_FREE_MODES}
+LABELLED_METRICS = ("knn_holdout", "probe_holdout")
 SWEEP_FILE = "protoray_sweep.json"  # what a resumed sweep needs besides Tune's own state
 EPOCHS = "epochs_done"  # ASHA's time attribute: epochs trained, counted across resumes
 
@@ -90,8 +95,9 @@ def _absolute(cfg: ExperimentConfig) -> dict:
     tracking["tracking_uri"] = resolve_tracking_uri(tracking["tracking_uri"])
     if "://" not in tracking["storage_path"]:
         tracking["storage_path"] = str(Path(tracking["storage_path"]).resolve())
-    if tree["data"].get("root"):
-        tree["data"]["root"] = str(Path(tree["data"]["root"]).resolve())
+    for section in ("data", "eval_data"):
+        if (tree.get(section) or {}).get("root"):
+            tree[section]["root"] = str(Path(tree[section]["root"]).resolve())
     return tree
 
 
@@ -110,9 +116,9 @@ def _report_callback():
     return EpochReport()
 
 
-def _replay(client: MlflowClient, run_id: str) -> None:
+def _replay(client: MlflowClient, run_id: str, metric: str) -> None:
     """Report a finished trial's recorded epochs to Tune instead of training it again."""
-    history = tracking.epoch_history(client, run_id, (METRIC, "loss"))
+    history = tracking.epoch_history(client, run_id, tuple(dict.fromkeys((metric, "loss"))))
     for epoch in sorted(history):
         tune.report({**history[epoch], "epoch": epoch, EPOCHS: epoch + 1})
 
@@ -131,7 +137,7 @@ def _trial(params: dict[str, Any], sweep_dir: str) -> None:
     run_id, finished = tracking.open_trial_run(client, spec["experiment_id"], parent, trial_id, cfg,
                                                params)
     if finished:  # finished before the driver was killed
-        _replay(client, run_id)
+        _replay(client, run_id, spec.get("metric", METRIC))
         return
     # If this raises, or Tune stops the trial (ASHA), the run stays RUNNING here and the sweep's
     # driver closes it as FAILED or KILLED once it knows which.
@@ -165,15 +171,43 @@ def _concurrency(requested: int, cfg: ExperimentConfig) -> int:
     return min(requested, fits)
 
 
+def best_column(metric: str) -> str:
+    """The trial table's column of a metric's best epoch: ``best_knn`` for the online kNN."""
+    return "best_knn" if metric == METRIC else f"best_{metric}"
+
+
+def check_metric(cfg: ExperimentConfig, metric: str, mode: str | None,
+                 tables: TableSplits | None = None) -> str:
+    """``mode`` for ``metric`` (its known direction when None); ``ConfigError`` naming the flag
+    for an unknown metric, a wrong mode, or a labelled metric on a source without labels and
+    without ``eval_data``. ``tables``: ``check_source``'s listing of a file source."""
+    if metric not in METRIC_MODES:
+        raise ConfigError(f"--metric {metric}: trials report {', '.join(METRIC_MODES)} every epoch")
+    mode = mode or METRIC_MODES[metric]
+    if mode not in ("max", "min"):
+        raise ConfigError(f"--mode: must be max or min (got {mode!r})")
+    if cfg.data.knn_holdout < 1:
+        raise ConfigError("data.knn_holdout: a sweep scores trials on the hold-out slice; set it >= 1")
+    unlabelled = cfg.data.labels == "none" or (tables is not None and tables.unlabelled)
+    if metric in LABELLED_METRICS and cfg.eval_data is None and unlabelled:
+        raise ConfigError(f"--metric {metric} needs labels, and {cfg.data.root} has none: sweep "
+                          f"on a label-free score (--metric rankme, alignment, uniformity) or "
+                          "add an eval_data: section")
+    return mode
+
+
 def run_sweep(config: ExperimentConfig | str | Path, space: dict[str, Any], num_samples: int = 16,
           scheduler: str = "asha", max_concurrent_trials: int = 2, evaluate: bool = True,
           grace_period: int = 1, reduction_factor: float = 3, seed: int | None = None,
-          address: str | None = None) -> pd.DataFrame:
+          address: str | None = None, metric: str = METRIC, mode: str | None = None
+          ) -> pd.DataFrame:
     """Run ``num_samples`` trials of ``config`` over ``space``; one row per trial.
 
-    ``scheduler``: "asha" stops trials whose online kNN falls behind at epochs grace_period,
-    grace_period * reduction_factor, ...; "none" runs every trial to the end.
-    The table has the sampled values, best_knn, epochs, status and the trial's MLflow run id.
+    ``metric`` (``METRIC_MODES``: the online kNN, or a label-free score for unlabelled images)
+    ranks the trials, better by ``mode`` (its known direction when None). ``scheduler``: "asha"
+    stops trials whose metric falls behind at epochs grace_period, grace_period *
+    reduction_factor, ...; "none" runs every trial to the end. The table has the sampled values,
+    the best epoch's metric (``best_column``), epochs, status and the trial's MLflow run id.
     ``seed`` makes the sampled configurations and their order reproducible.
     """
     cfg = config if isinstance(config, ExperimentConfig) else load_config(config)
@@ -181,13 +215,11 @@ def run_sweep(config: ExperimentConfig | str | Path, space: dict[str, Any], num_
         raise ConfigError(f"scheduler: must be 'asha' or 'none' (got {scheduler!r})")
     if num_samples < 1 or max_concurrent_trials < 1:
         raise ConfigError("num_samples and max_concurrent_trials must be >= 1")
-    if cfg.data.knn_holdout < 1:
-        raise ConfigError("data.knn_holdout: a sweep ranks trials by online kNN; set it >= 1")
     if not 1 <= grace_period <= cfg.optim.epochs:
         raise ConfigError(f"grace_period: must be between 1 and optim.epochs={cfg.optim.epochs}")
     base = _absolute(cfg)
     validate_space(base, space)
-    check_source(cfg)
+    mode = check_metric(cfg, metric, mode, check_source(cfg))
     check_gpus(cfg, joining=bool(address or os.environ.get("RAY_ADDRESS")))
     ensure_ray(address, max_concurrent_trials * cpus_per_run(cfg),
                resources=custom_resources(cfg, max_concurrent_trials))
@@ -201,11 +233,12 @@ def run_sweep(config: ExperimentConfig | str | Path, space: dict[str, Any], num_
         sweep_dir.mkdir(parents=True, exist_ok=True)
         (sweep_dir / SWEEP_FILE).write_text(json.dumps({
             "base": base, "parent_run_id": parent_id, "tracking_uri": uri, "evaluate": evaluate,
-            "experiment_id": experiment_id}))
+            "experiment_id": experiment_id, "metric": metric, "mode": mode}))
         tracking.log_sweep_start(cfg, {
             "scheduler": scheduler, "num_samples": num_samples, "seed": seed,
             "max_concurrent_trials": max_concurrent_trials, "method": cfg.method.name,
-            "grace_period": grace_period, "reduction_factor": reduction_factor}, space, sweep_dir)
+            "grace_period": grace_period, "reduction_factor": reduction_factor, "metric": metric,
+            "mode": mode}, space, sweep_dir)
         print(f"sweep {parent_id}: {num_samples} trials; resume with: protoray sweep --resume {sweep_dir}",
               flush=True)
         # stop_last_trials=False: a trial that reaches the last epoch ends by itself, so its final
@@ -215,7 +248,7 @@ def run_sweep(config: ExperimentConfig | str | Path, space: dict[str, Any], num_
                                              reduction_factor=reduction_factor, stop_last_trials=False)
         tuner = tune.Tuner(
             _trainable(str(sweep_dir), cfg), param_space=dict(space),
-            tune_config=tune.TuneConfig(metric=METRIC, mode="max", num_samples=num_samples,
+            tune_config=tune.TuneConfig(metric=metric, mode=mode, num_samples=num_samples,
                                         search_alg=BasicVariantGenerator(random_state=seed,
                                                                          max_concurrent=concurrent),
                                         scheduler=asha if scheduler == "asha" else None),
@@ -247,28 +280,32 @@ def _finish(results: tune.ResultGrid, sweep_dir: Path) -> pd.DataFrame:
     client = MlflowClient(spec["tracking_uri"])
     children = tracking.trial_runs(client, spec["experiment_id"], spec["parent_run_id"])
     max_epochs = spec["base"]["optim"]["epochs"]
+    metric, mode = spec.get("metric", METRIC), spec.get("mode", "max")
+    column, pick = best_column(metric), max if mode == "max" else min
     rows = []
     for result in results:
         trial_id = (result.metrics or {}).get("trial_id") or "_".join(Path(result.path).name.split("_")[2:4])
         child = children.get(trial_id)
         # MLflow holds every epoch of the trial, including those before a resume; Tune's history
         # of a resumed trial starts at the resume.
-        knn = client.get_metric_history(child.info.run_id, METRIC) if child else []
-        epochs = len({m.step for m in knn})
-        best = max((m.value for m in knn), default=math.nan)
+        history = client.get_metric_history(child.info.run_id, metric) if child else []
+        epochs = len({m.step for m in history})
+        best = pick((m.value for m in history if not math.isnan(m.value)), default=math.nan)
         status = "error" if result.error else ("finished" if epochs >= max_epochs else "stopped early")
         if child and child.info.status == "RUNNING":  # stopped by Tune or failed mid-function
             tracking.close_trial_run(client, child.info.run_id, status)
-        rows.append({**result.config, "best_knn": best, "epochs": epochs, "status": status,
+        rows.append({**result.config, column: best, "epochs": epochs, "status": status,
                      "trial_id": trial_id, "mlflow_run_id": child.info.run_id if child else None})
-    table = pd.DataFrame(rows).sort_values("best_knn", ascending=False, na_position="last")
+    table = pd.DataFrame(rows).sort_values(column, ascending=mode == "min", na_position="last")
     table = table.reset_index(drop=True)
-    tracking.log_sweep_table(table, _plot(table, [k for k in results[0].config] if len(results) else []))
+    keys = [k for k in results[0].config] if len(results) else []
+    tracking.log_sweep_table(table, column, _plot(table, keys, column))
     return table
 
 
-def _plot(table: pd.DataFrame, keys: list[str]):
-    """Best online kNN against each swept value (categories on an index axis)."""
+def _plot(table: pd.DataFrame, keys: list[str], column: str = "best_knn"):
+    """The trials' best metric (``column``) against each swept value (categories on an index
+    axis)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -278,16 +315,16 @@ def _plot(table: pd.DataFrame, keys: list[str]):
     for ax, key in zip(axes[0], keys, strict=False):
         values = table[key]
         if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-            ax.scatter(values, table["best_knn"], c=table["epochs"], cmap="viridis")
+            ax.scatter(values, table[column], c=table["epochs"], cmap="viridis")
             if key.endswith("temperature"):
                 ax.set_xscale("log")
         else:
             labels = sorted({str(v) for v in values})
-            ax.scatter([labels.index(str(v)) for v in values], table["best_knn"], c=table["epochs"],
+            ax.scatter([labels.index(str(v)) for v in values], table[column], c=table["epochs"],
                        cmap="viridis")
             ax.set_xticks(range(len(labels)), labels, rotation=20, fontsize=7)
         ax.set_xlabel(key)
-        ax.set_ylabel("best online kNN (colour: epochs run)")
+        ax.set_ylabel(f"{column.replace('_', ' ')} (colour: epochs run)")
     fig.tight_layout()
     return fig
 

@@ -328,9 +328,11 @@ def close_trial_run(client: MlflowClient, run_id: str, status: str) -> None:
     client.set_terminated(run_id, {"finished": "FINISHED", "error": "FAILED"}.get(status, "KILLED"))
 
 
-def log_sweep_table(table, figure) -> None:
-    """On the active parent run: the trial table, its best figures and the kNN plot."""
+def log_sweep_table(table, column: str, figure) -> None:
+    """On the active parent run: the trial table (sorted best first), the best trial's
+    ``column`` (``best_knn``, ``best_rankme``...), the trial-epochs and the plot."""
     mlflow.log_text(table.to_csv(index=False), "sweep_table.csv")
-    mlflow.log_metrics({"best_knn": float(table["best_knn"].max()),
+    best = table[column].dropna()
+    mlflow.log_metrics({column: float(best.iloc[0]) if len(best) else float("nan"),
                         "trial_epochs": float(table["epochs"].sum())})
-    mlflow.log_figure(figure, "sweep_knn.png")
+    mlflow.log_figure(figure, "sweep_metric.png" if column != "best_knn" else "sweep_knn.png")

@@ -5,9 +5,14 @@ prototype actor's handle); rank and world size come from ``ray.train.get_context
 way out is ``ray.train.report``. Read it top to bottom: set-up, resume, then per epoch an
 optional E-step through the actor, one pass over this rank's shard, a report with a checkpoint.
 
-The online linear probe (``methods.evaluation.online_probe``) rides along where the data has labels: every
-rank trains the same one on its shard's batches (its gradients all-reduced), rank 0 scores it on
-the hold-out slice beside the online kNN and saves it in the checkpoint.
+Rank 0 scores the encoder every epoch on the hold-out slice of the training source with the
+label-free scores (``methods.evaluation.label_free``: rankme, alignment, uniformity, and the
+cluster-size entropy of the E-step), and where labels exist with the online kNN: against the
+``eval_data`` set when the config has one, else the training source's own labelled images.
+The online linear probe (``methods.evaluation.online_probe``) rides along where the training
+data has labels and no ``eval_data`` is given: every rank trains the same one on its shard's
+batches (its gradients all-reduced), rank 0 scores it on the hold-out slice and saves it in the
+checkpoint.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from methods.base import Batch
 from methods.clustering.prototypes import Prototypes
 from methods.encoders.batchnorm import broadcast_batchnorm_stats
 from methods.evaluation.knn import knn_accuracy
+from methods.evaluation.label_free import LABEL_FREE_SAMPLE, cluster_entropy, encoder_scores
 from methods.evaluation.online_probe import OnlineProbe, embedding_dim
 from methods.training import (
     NonFiniteLossError,
@@ -37,7 +43,7 @@ from methods.training import (
     sum_over_ranks,
     train_epoch,
 )
-from orchestration.builders import load_splits, make_method
+from orchestration.builders import KNN_BANK_SIZE, labelled_splits, load_splits, make_method
 from orchestration.checkpoints import (
     CHECKPOINT_FILE,
     load_rank_state,
@@ -92,7 +98,7 @@ def train_loop(config: dict) -> None:
     probe = _make_probe(cfg, shard, method, device)
 
     # --- resume from the latest checkpoint after a failure (all ranks restart together)
-    start_epoch, prototypes = 0, None
+    start_epoch, prototypes, knn_sets = 0, None, None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as directory:
@@ -156,7 +162,17 @@ def train_loop(config: dict) -> None:
         # --- report: metrics from every rank; the checkpoint, online kNN and probe from rank 0,
         # plus each rank's own file where the method keeps per-rank state (Ray merges the files)
         if rank == 0:
-            metrics.update(_online_scores(method, probe, *shard.knn_sets(), device))
+            knn_sets = knn_sets or _knn_sets(cfg, shard)
+            metrics.update(_online_scores(method, probe, *knn_sets, device))
+            sample = shard.knn_sets()[1]
+            if len(sample) >= 2:  # data.knn_holdout: 0 keeps no images to score
+                sample = sample.subset(torch.arange(min(LABEL_FREE_SAMPLE, len(sample))))
+                metrics.update(encoder_scores(method, sample.images, cfg.seed, device))
+            if clustered:
+                metrics["cluster_entropy"] = sum(
+                    cluster_entropy(a, k) for a, k in zip(prototypes.assignments,
+                                                          prototypes.num_clusters, strict=True)
+                ) / len(prototypes.assignments)
         own = method.rank_state()
         if rank == 0 or own is not None:
             with tempfile.TemporaryDirectory() as directory:
@@ -176,8 +192,9 @@ def _make_probe(cfg: ExperimentConfig, shard: MemoryShard | StreamShard, method,
                 ) -> OnlineProbe | None:
     """The online linear probe, the same on every rank (one seed), or None: switched off
     (``optim.online_probe``), no hold-out slice to score it on, or fewer than two classes
-    labelled (every rank takes the same branch: ``shard.num_classes`` agrees across ranks)."""
-    if not cfg.optim.online_probe or cfg.data.knn_holdout == 0:
+    labelled, or an ``eval_data`` set whose classes are not the training source's (every rank
+    takes the same branch: ``shard.num_classes`` agrees across ranks)."""
+    if not cfg.optim.online_probe or cfg.data.knn_holdout == 0 or cfg.eval_data is not None:
         return None
     classes = shard.num_classes()
     if classes < 2:
@@ -186,12 +203,24 @@ def _make_probe(cfg: ExperimentConfig, shard: MemoryShard | StreamShard, method,
     return OnlineProbe(dim, classes, seed=cfg.seed, device=device)
 
 
+def _knn_sets(cfg: ExperimentConfig, shard: MemoryShard | StreamShard):
+    """(bank, queries) of the online kNN: the first ``KNN_BANK_SIZE`` images and the hold-out
+    slice of ``eval_data`` (decoded once, converted to the training images' channels and side),
+    else of the training source (``shard.knn_sets``)."""
+    if cfg.eval_data is None:
+        return shard.knn_sets()
+    splits = labelled_splits(cfg, shard.in_channels, shard.image_size)
+    bank = splits.train.subset(torch.arange(min(KNN_BANK_SIZE, len(splits.train))))
+    return bank, splits.holdout
+
+
 def _online_scores(method, probe: OnlineProbe | None, bank, holdout, device) -> dict[str, float]:
     """``knn_holdout``: weighted kNN accuracy of the hold-out slice against a fixed sample of
     training images; with a probe, ``probe_holdout``: its accuracy on the same slice, from the
-    same encoding (``embed`` in eval mode, at the images' own size)."""
-    if len(holdout) == 0:
-        return {"knn_holdout": float("nan")}
+    same encoding (``embed`` in eval mode, at the images' own size). Nothing where no image of
+    the bank or the slice has a label."""
+    if not (bank.is_labelled and holdout.is_labelled):
+        return {}
     bank_x = encode(method.embed, bank.images, method, device=device, native_size=True)
     hold_x = encode(method.embed, holdout.images, method, device=device, native_size=True)
     scores = {"knn_holdout": knn_accuracy(bank_x, bank.labels.numpy(), hold_x,
@@ -203,7 +232,7 @@ def _online_scores(method, probe: OnlineProbe | None, bank, holdout, device) -> 
 
 def _online_knn(method, bank, holdout, device) -> float:
     """Weighted kNN accuracy of the hold-out slice against a fixed sample of training images."""
-    return _online_scores(method, None, bank, holdout, device)["knn_holdout"]
+    return _online_scores(method, None, bank, holdout, device).get("knn_holdout", float("nan"))
 
 
 def _recorded(batches: Iterator[Batch], seen: list[torch.Tensor]) -> Iterator[Batch]:

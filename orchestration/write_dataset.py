@@ -23,10 +23,12 @@ IMAGES_PER_PARQUET_FILE = 50_000
 
 def write_dataset(name: str, out: str | Path, fmt: str = "image_folder", size: int | None = None,
                   rgb: bool = False, repeat: int = 1, limit: int | None = None,
-                  rows_per_group: int = 100) -> Path:
+                  rows_per_group: int = 100, unlabelled: bool = False) -> Path:
     """Write the ``train`` (``repeat`` times) and ``test`` splits of the built-in dataset ``name``
-    under ``out``, the first ``limit`` images of each; returns ``out``. Raises ``ValueError`` for an
-    unknown format or a non-empty ``out``."""
+    under ``out``, the first ``limit`` images of each; returns ``out``. ``unlabelled``: the
+    training split without labels, as people's own photos come (a flat folder, parquet without
+    a label column); the val split keeps them. Raises ``ValueError`` for an unknown format or a
+    non-empty ``out``."""
     if fmt not in FORMATS:
         raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     out = Path(out)
@@ -37,10 +39,13 @@ def write_dataset(name: str, out: str | Path, fmt: str = "image_folder", size: i
         n = min(limit, len(ds)) if limit else len(ds)
         images, labels = ds.images[:n].numpy(), ds.labels[:n].numpy()
         copies = repeat if split == "train" else 1
+        if unlabelled and split == "train":
+            labels = None
         if fmt == "image_folder":
             write_image_folder(images, labels, ds.classes, out / folder, size, rgb, copies)
         else:
-            images, labels = np.concatenate([images] * copies), np.concatenate([labels] * copies)
+            images = np.concatenate([images] * copies)
+            labels = None if labels is None else np.concatenate([labels] * copies)
             write_parquet(images, labels, out / folder, size, rgb, rows_per_group,
                           files=max(1, len(images) // IMAGES_PER_PARQUET_FILE))
     return out

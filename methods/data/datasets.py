@@ -63,7 +63,13 @@ class ImageDataset:
 
     @property
     def num_classes(self) -> int:
-        return int(self.labels.max()) + 1
+        """1 + the largest label; 0 when no image is labelled."""
+        return int(self.labels.max()) + 1 if self.is_labelled else 0
+
+    @property
+    def is_labelled(self) -> bool:
+        """Whether any image has a label (``-1`` is never a class)."""
+        return bool((self.labels >= 0).any())
 
     def subset(self, indices: torch.Tensor | np.ndarray | list[int]) -> ImageDataset:
         """A new dataset of the given rows; its items are re-indexed from 0."""
@@ -145,13 +151,14 @@ def decode_table(table: ImageTable, image_size: int, channels: int) -> ImageData
                         table.classes, skipped=len(table) - len(out["index"]))
 
 
-def load_image_folder(root: str | Path, image_size: int = 32, channels: int | None = None
-                      ) -> ImageDataset:
-    """An ``ImageFolder`` tree (``root/<class>/<image>``) decoded into memory (``decode_table``);
-    ``channels`` None: the files' own (they must agree). For folders larger than memory, stream
-    them (``data.loader: stream``)."""
+def load_image_folder(root: str | Path, image_size: int = 32, channels: int | None = None,
+                      labels: str = "auto") -> ImageDataset:
+    """An image folder (``root/<class>/<image>``, or a flat or nested folder without classes:
+    ``list_image_folder``'s ``labels``) decoded into memory (``decode_table``); ``channels``
+    None: the files' own (they must agree). For folders larger than memory, stream them
+    (``data.loader: stream``)."""
     try:
-        table = list_image_folder(root)
+        table = list_image_folder(root, labels)
     except ValueError as exc:
         raise DatasetNotFoundError(str(exc)) from None
     return decode_table(table, image_size, channels or check_channels(table))
@@ -192,7 +199,8 @@ DATASETS = ("fashion_mnist", "digits", "image_folder", "parquet", "torchvision")
 
 
 def load_dataset(name: str, split: str = "train", root: str | Path | None = None,
-                 image_size: int = 32, torchvision_name: str = "CIFAR10") -> ImageDataset:
+                 image_size: int = 32, torchvision_name: str = "CIFAR10",
+                 labels: str = "auto") -> ImageDataset:
     """Dispatch on the config's ``data.name`` (the built-in sets and image folders; parquet
     sources load through ``orchestration.builders.load_splits``)."""
     if name == "fashion_mnist":
@@ -203,7 +211,7 @@ def load_dataset(name: str, split: str = "train", root: str | Path | None = None
         if root is None:
             raise ValueError("data.root is required for data.name='image_folder'")
         return load_image_folder(Path(root) / split if (Path(root) / split).is_dir() else root,
-                                 image_size)
+                                 image_size, labels=labels)
     if name == "torchvision":
         if root is None:
             raise ValueError("data.root is required for data.name='torchvision'")

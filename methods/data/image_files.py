@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")  # PIL modes that hold one channel
+GRAY_MODES = ("1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")  # one channel
 
 
 class ImageSourceError(ValueError):
@@ -89,33 +89,52 @@ def split_folder(root: Path, split: str) -> Path:
     raise FileNotFoundError(f"{root} has no val/ or test/ folder")
 
 
-def list_image_folder(root: str | Path) -> ImageTable:
-    """Every image file under ``root/<class>/``, sorted by class then path (class ids follow the
-    sorted folder names, as torchvision's ``ImageFolder``). Raises ``ImageSourceError`` for a
-    missing folder or one without images in class sub-folders."""
+def _visible(path: Path, root: Path) -> bool:
+    """Not hidden (``.DS_Store``, ``.thumbnails/``, ``._IMG_0001.JPG``): no part below ``root``
+    starts with a dot."""
+    return not any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
+def list_image_folder(root: str | Path, labels: str = "auto") -> ImageTable:
+    """Every image file under ``root`` (recursive, hidden files and folders left out), sorted.
+
+    ``labels``: ``folders`` takes the first sub-folder below ``root`` as the class (class ids
+    follow the sorted folder names, as torchvision's ``ImageFolder``); ``none`` lists an
+    unlabelled source (every label -1); ``auto`` is ``folders`` when every image sits in a
+    sub-folder, else ``none`` (a flat folder of photos). Raises ``ImageSourceError`` for a
+    missing folder, one without images, or ``folders`` with images directly in ``root``."""
     root = Path(root)
+    if labels not in ("auto", "folders", "none"):
+        raise ValueError(f"labels must be auto, folders or none (got {labels!r})")
     if not root.is_dir():
         raise ImageSourceError(f"image folder {root} does not exist; set data.root to a folder "
-                               "with one sub-folder of images per class")
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
-    paths, labels = [], []
-    for label, name in enumerate(classes):
-        files = sorted(p for p in (root / name).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-        paths += [str(p) for p in files]
-        labels += [label] * len(files)
-    if not paths:
-        raise ImageSourceError(f"image folder {root} holds no images in class sub-folders; "
-                               f"expected {root}/<class>/<image>.png (or .jpg)")
-    ones = [1] * len(paths)
-    return ImageTable(str(root), _unit_columns(paths, [-1] * len(paths), ones, labels),
-                      tuple(classes))
+                               "of images (optionally one sub-folder per class)")
+    files = sorted(p for p in root.rglob("*")
+                   if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and _visible(p, root))
+    if not files:
+        raise ImageSourceError(f"image folder {root} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    loose = [p for p in files if p.parent == root]
+    if labels == "folders" and loose:
+        raise ImageSourceError(f"{loose[0]} is not in a class sub-folder; move it into one, or "
+                               "set data.labels: none (or auto) to train without labels")
+    if labels == "none" or loose:
+        return ImageTable(str(root), _unit_columns([str(p) for p in files], [-1] * len(files),
+                                                   [1] * len(files), [-1] * len(files)))
+    classes = sorted({p.relative_to(root).parts[0] for p in files})
+    ids = {name: i for i, name in enumerate(classes)}
+    files.sort(key=lambda p: (ids[p.relative_to(root).parts[0]], p))
+    class_ids = [ids[p.relative_to(root).parts[0]] for p in files]
+    return ImageTable(str(root), _unit_columns([str(p) for p in files], [-1] * len(files),
+                                               [1] * len(files), class_ids), tuple(classes))
 
 
 def list_parquet(root: str | Path, image_column: str = "image",
-                 label_column: str | None = "label") -> ImageTable:
+                 label_column: str | None = "label", labels: str = "auto") -> ImageTable:
     """Every row group of ``root`` (one ``.parquet`` file, or a folder of them, sorted), from
-    the files' metadata only. Raises ``ImageSourceError`` naming the file for a missing file, an
-    unreadable footer or a missing column."""
+    the files' metadata only. ``labels``: ``folders`` requires ``label_column`` in every file,
+    ``none`` ignores it, ``auto`` reads it where every file has it and else lists the source as
+    unlabelled (null labels are unlabelled rows either way). Raises ``ImageSourceError`` naming
+    the file for a missing file, an unreadable footer or a missing column."""
     import pyarrow.parquet as pq
 
     root = Path(root)
@@ -123,7 +142,9 @@ def list_parquet(root: str | Path, image_column: str = "image",
     if not files:
         raise ImageSourceError(f"no parquet files at {root}; set data.root to a .parquet file or "
                                "a folder of them")
-    paths, groups, counts = [], [], []
+    paths, groups, counts, unlabelled = [], [], [], []
+    if labels == "none":
+        label_column = None
     for path in files:
         try:
             meta = pq.ParquetFile(path)
@@ -131,16 +152,23 @@ def list_parquet(root: str | Path, image_column: str = "image",
             raise ImageSourceError(f"{path} is not a readable parquet file ({exc}); rewrite or "
                                    "remove it") from None
         names = meta.schema_arrow.names
-        for column, key in ((image_column, "data.image_column"), (label_column, "data.label_column")):
-            if column is not None and column not in names:
-                raise ImageSourceError(f"{path} has no column {column!r} (it has "
-                                       f"{', '.join(names)}); set {key}")
+        if image_column not in names:
+            raise ImageSourceError(f"{path} has no column {image_column!r} (it has "
+                                   f"{', '.join(names)}); set data.image_column")
+        if label_column is not None and label_column not in names:
+            if labels == "folders":
+                raise ImageSourceError(f"{path} has no column {label_column!r} (it has "
+                                       f"{', '.join(names)}); set data.label_column, or "
+                                       "data.labels: none to train without labels")
+            unlabelled.append(path)
         for g in range(meta.num_row_groups):
             paths.append(str(path))
             groups.append(g)
             counts.append(meta.metadata.row_group(g).num_rows)
     if sum(counts) == 0:
         raise ImageSourceError(f"the parquet files at {root} hold no rows")
+    if unlabelled:  # auto: a source is labelled only where every file has the column
+        label_column = None
     return ImageTable(str(root), _unit_columns(paths, groups, counts, [-1] * len(paths)), (),
                       image_column, label_column)
 
@@ -198,16 +226,58 @@ def read_row_group(path: str, row_group: int, image_column: str,
     return images, [-1 if y is None else int(y) for y in labels]
 
 
-def decode_image(data: bytes | str, size: int, channels: int) -> np.ndarray | None:
-    """One encoded image (bytes, or a file path) as uint8 ``[channels, size, size]``, resized
-    (bilinear, antialiased) to a square; None when it cannot be decoded (empty, truncated,
-    not an image)."""
+def to_8bit(image):
+    """A PIL image with 8 bits per channel: 16-bit (``I;16*``, and ``I`` holding 16-bit values, as
+    PIL opens 16-bit PNGs) scaled by 255 / 65535, larger integers by their maximum, float (``F``)
+    images in [0, 1] by 255 and other float ranges from their minimum to their maximum, so the
+    darkest and brightest pixels are kept apart instead of clipped to white. Other modes are
+    returned as they are."""
     from PIL import Image
+
+    if not (image.mode.startswith("I") or image.mode == "F"):
+        return image
+    a = np.asarray(image).astype(np.float64)
+    if image.mode == "F":
+        low, high = (0.0, 1.0) if a.size and a.min() >= 0 and a.max() <= 1 else (a.min(), a.max())
+    else:
+        low, high = 0.0, 65535.0 if a.max(initial=0) <= 65535 else float(a.max())
+    scaled = (a - low) * (255.0 / (high - low)) if high > low else np.zeros_like(a)
+    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), "L")
+
+
+def _flatten_alpha(image):
+    """Palette, alpha and CMYK images as RGB (or L); transparent pixels over white, the page a
+    transparent logo or scan is drawn on."""
+    from PIL import Image
+
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("LA", "PA", "La", "RGBa"):
+        image = image.convert("RGBA")
+    if image.mode == "RGBA":
+        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, image).convert("RGB")
+    return image
+
+
+def decode_image(data: bytes | str, size: int, channels: int) -> np.ndarray | None:
+    """One encoded image (bytes, or a file path) as uint8 ``[channels, size, size]``; None when
+    it cannot be decoded (empty, truncated, not an image).
+
+    As a camera roll needs: JPEGs decode at the smallest scale that still covers ``size``
+    (``Image.draft``), the EXIF orientation is applied (photos come out upright), 16-bit and
+    float images are scaled to 8 bit (``to_8bit``), palette, alpha and CMYK images are converted
+    (``_flatten_alpha``), then the centre square is resized to ``size`` with antialiasing
+    (``ImageOps.fit``: the aspect ratio is kept, as torchvision's Resize + CenterCrop)."""
+    from PIL import Image, ImageOps
 
     try:
         with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as image:
+            image.draft(image.mode, (size, size))  # JPEG only; a no-op for other formats
+            image = ImageOps.exif_transpose(image)
+            image = _flatten_alpha(to_8bit(image))
             image = image.convert("L" if channels == 1 else "RGB")
-            image = image.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=None)
+            image = ImageOps.fit(image, (size, size), Image.Resampling.BILINEAR)
             array = np.asarray(image, dtype=np.uint8)
     except Exception:  # PIL raises OSError, SyntaxError, ValueError... for a bad file
         return None
@@ -245,14 +315,22 @@ def decode_units(units: dict[str, np.ndarray], size: int, channels: int,
     }
 
 
-def write_image_folder(images: np.ndarray, labels: np.ndarray, classes: tuple[str, ...],
+def write_image_folder(images: np.ndarray, labels: np.ndarray | None, classes: tuple[str, ...],
                        out: str | Path, size: int | None = None, rgb: bool = False,
                        repeat: int = 1) -> Path:
     """Write uint8 ``images`` [N, C, H, W] as ``out/<label>-<class>/<n>.png``, or
-    ``out/<label>/<n>.png`` where the class name is the label itself (``repeat`` copies under new
-    names, ``rgb`` turns grayscale into 3 equal channels, ``size`` resizes). Returns ``out``."""
+    ``out/<label>/<n>.png`` where the class name is the label itself, or flat as ``out/<n>.png``
+    when ``labels`` is None (``repeat`` copies under new names, ``rgb`` turns grayscale into 3
+    equal channels, ``size`` resizes). Returns ``out``."""
 
     out = Path(out)
+    if labels is None:
+        out.mkdir(parents=True, exist_ok=True)
+        for n, image in enumerate(images):
+            png = _png(image, size, rgb)
+            for r in range(repeat):
+                (out / f"{r * len(images) + n:07d}.png").write_bytes(png)
+        return out
     # numbered, so that the sorted folder names give back the label ids
     count = len(classes) or int(labels.max()) + 1
     width = len(str(count - 1))
@@ -267,10 +345,12 @@ def write_image_folder(images: np.ndarray, labels: np.ndarray, classes: tuple[st
     return out
 
 
-def write_parquet(images: np.ndarray, labels: np.ndarray, out: str | Path, size: int | None = None,
-                  rgb: bool = False, rows_per_group: int = 100, files: int = 1) -> Path:
+def write_parquet(images: np.ndarray, labels: np.ndarray | None, out: str | Path,
+                  size: int | None = None, rgb: bool = False, rows_per_group: int = 100,
+                  files: int = 1) -> Path:
     """Write uint8 ``images`` [N, C, H, W] as PNG bytes in an ``image`` column with an int64
-    ``label`` column: ``files`` parquet files under the folder ``out``. Returns ``out``."""
+    ``label`` column (none when ``labels`` is None): ``files`` parquet files under the folder
+    ``out``. Returns ``out``."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -278,8 +358,10 @@ def write_parquet(images: np.ndarray, labels: np.ndarray, out: str | Path, size:
     out.mkdir(parents=True, exist_ok=True)
     for f, rows in enumerate(np.array_split(np.arange(len(images)), files)):
         encoded = [_png(images[n], size, rgb) for n in rows]
-        table = pa.table({"image": pa.array(encoded, pa.binary()),
-                          "label": pa.array(labels[rows].astype(np.int64))})
+        columns = {"image": pa.array(encoded, pa.binary())}
+        if labels is not None:
+            columns["label"] = pa.array(labels[rows].astype(np.int64))
+        table = pa.table(columns)
         pq.write_table(table, out / f"part-{f:04d}.parquet", row_group_size=rows_per_group)
     return out
 

@@ -102,7 +102,21 @@ def crop_and_flip(x: torch.Tensor, spec: ViewSpec, generator: torch.Generator | 
     zeros = torch.zeros(b)
     theta = torch.stack([torch.stack([w * flip, zeros, cx], 1), torch.stack([zeros, h, cy], 1)], 1)
     grid = F.affine_grid(theta.to(x.device, x.dtype), [b, c, size, size], align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    # bilinear sampling reads 4 pixels per output pixel: a box over more than twice the output's
+    # side would alias, so each image is sampled from the level of an antialiased pyramid at
+    # which its box spans between one and two output sides (a mipmap)
+    levels = (torch.minimum(w, h) * x.shape[-1] / size).log2().floor().clamp(min=0).long()
+    out = x.new_empty(b, c, size, size)
+    for level in levels.unique().tolist():
+        rows = (levels == level).nonzero().flatten().to(x.device)
+        source = x[rows]
+        if level:
+            side = max(size, x.shape[-1] >> level)
+            source = F.interpolate(source, size=(side, side), mode="bilinear", antialias=True,
+                                   align_corners=False)
+        out[rows] = F.grid_sample(source, grid[rows], mode="bilinear", padding_mode="reflection",
+                                  align_corners=False)
+    return out
 
 
 def _gray(x: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,9 @@ def cluster_scores(features: np.ndarray, labels: np.ndarray, num_clusters: int |
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     x = F.normalize(torch.as_tensor(features, dtype=torch.float32), dim=1).numpy()
-    k = num_clusters or int(np.max(labels)) + 1
+    if len(x) < 2:  # nothing to partition
+        return {"ami": float("nan"), "nmi": float("nan"), "ari": float("nan")}
+    k = max(2, min(num_clusters or int(np.max(labels)) + 1, len(x)))  # a few images: one each
     runs = []
     for i in range(repeats):
         pred = run_kmeans(x, [k], seed=seed + i, nredo=3).assignments[0]

@@ -21,10 +21,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from methods.data.views import augment
 from methods.losses.uniformity import uniformity as uniformity_loss
+from methods.training import encode
 
 LABEL_FREE_MODES = {"rankme": "max", "alignment": "min", "uniformity": "min",
                     "cluster_entropy": "max"}
+LABEL_FREE_SAMPLE = 1000  # images a monitor scores: enough for D <= 1000, and uniformity is N^2
 RANKME_EPS = 1e-7  # the paper's epsilon, added to the normalised singular values
 
 
@@ -75,3 +78,21 @@ def label_free_scores(plain: np.ndarray | torch.Tensor, first: np.ndarray | torc
         return {"rankme": math.nan, "alignment": math.nan, "uniformity": math.nan}
     return {"rankme": rankme(plain), "alignment": alignment(first, second),
             "uniformity": uniformity(plain)}
+
+
+def encoder_scores(method, images: torch.Tensor, seed: int = 0,
+                   device: str | torch.device = "cpu") -> dict[str, float]:
+    """``label_free_scores`` of ``method.embed`` on uint8 ``images`` ``[N, C, H, W]``: the
+    un-augmented embedding at the images' own side, and two views drawn from ``method.views``
+    with a generator seeded by ``seed`` (the same views every epoch, so epochs compare). Eval
+    mode, no gradient; the method's training mode is restored."""
+    plain = encode(method.embed, images, method, device=device, native_size=True)
+    generator = torch.Generator().manual_seed(seed)
+    was_training = method.training
+    method.eval()
+    with torch.no_grad():
+        views = [torch.cat([method.embed(augment(images[i:i + 512].to(device), method.views,
+                                                 generator)).float().cpu()
+                            for i in range(0, len(images), 512)]) for _ in range(2)]
+    method.train(was_training)
+    return label_free_scores(plain, *views)

@@ -17,7 +17,11 @@ def tsne_layout(features: np.ndarray, max_points: int = 2000, seed: int = 0
 
     rng = np.random.default_rng(seed)
     rows = rng.choice(len(features), min(max_points, len(features)), replace=False)
-    xy = TSNE(init="pca", random_state=seed, perplexity=30).fit_transform(
+    if len(rows) < 4:  # t-SNE needs perplexity < n; a few points are drawn on a line
+        return rows, np.stack([np.arange(len(rows)), np.zeros(len(rows))], 1).astype(np.float32)
+    # 30 is the usual perplexity; a few dozen evaluation images need less than n
+    perplexity = min(30.0, (len(rows) - 1) / 3)
+    xy = TSNE(init="pca", random_state=seed, perplexity=perplexity).fit_transform(
         F.normalize(torch.as_tensor(features[rows], dtype=torch.float32), dim=1).numpy())
     return rows, xy
 
@@ -35,8 +39,8 @@ def embedding_plot(features: np.ndarray, colors: np.ndarray, path: str | Path, t
     rows, xy = layout if layout is not None else tsne_layout(features, max_points, seed)
     fig, ax = plt.subplots(figsize=(6, 6))
     points = ax.scatter(xy[:, 0], xy[:, 1], c=colors[rows], s=4, cmap="tab10" if
-                        colors.max() < 10 else "nipy_spectral")
-    if class_names and colors.max() < len(class_names):
+                        colors.max(initial=0) < 10 else "nipy_spectral")
+    if class_names and colors.min(initial=0) >= 0 and colors.max(initial=0) < len(class_names):
         handles = points.legend_elements()[0]
         ax.legend(handles, [class_names[int(c)] for c in np.unique(colors[rows])],
                   fontsize=7, loc="best", markerscale=0.8)
