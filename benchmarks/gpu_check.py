@@ -13,6 +13,11 @@ Tests and CI run on CPU (gloo); this is the check that the same code runs unchan
    backward, SGD) for the small convnet and ResNet-18/50 with the small-image stem, at fp32 and
    bf16, the median of ``--repeats`` timed windows after warm-up.
 
+3. **A sharded Lloyd round at ImageNet size** (``--lloyd-n`` x 128 features, K = ``--lloyd-k``,
+   default 1.28M x 128 and K = 25,000): one rank's ``methods.clustering.lloyd.shard_sums`` on
+   the GPU plus the all-reduce of its sums over the NCCL group (world size 1), median of 3; its
+   FLOP rate is the ``GPU_FLOPS`` constant of ``orchestration/cost_model.py``.
+
 Run on a GPU machine: ``python benchmarks/gpu_check.py [--data-root DIR]``. It refuses to run
 without CUDA. The last line is JSON with the headline figures.
 """
@@ -139,6 +144,29 @@ def simclr_img_per_s(train: ImageDataset, backbone: str, precision: str, batch_s
     return statistics.median(rates)
 
 
+def lloyd_round(n: int, k: int, device: str, dim: int = 128) -> dict[str, float]:
+    """Seconds of one sharded Lloyd round on this rank (assignment and sums on ``device``, the
+    all-reduce of the sums over the process group), median of 3 after a warm-up, and the FLOP
+    rate of its 2 n K D distance matmul."""
+    import numpy as np
+
+    from methods.clustering.lloyd import all_reduce_sums, shard_sums
+
+    rng = np.random.default_rng(0)
+    features = rng.standard_normal((n, dim), dtype=np.float32)
+    centroids = features[rng.choice(n, k, replace=False)]
+    where = device if device == "cuda" else "faiss"
+    times = []
+    for _ in range(4):
+        start = time.perf_counter()
+        sums, _ = shard_sums(features, centroids, where)
+        all_reduce_sums(sums, device)
+        sync(device)
+        times.append(time.perf_counter() - start)
+    seconds = statistics.median(times[1:])
+    return {"seconds": seconds, "flops": 2 * n * k * dim / seconds}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data-root", default=FASHION_MNIST_ROOT)
@@ -149,6 +177,8 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--lloyd-n", type=int, default=1_281_167, help="features of the Lloyd round")
+    p.add_argument("--lloyd-k", type=int, default=25_000, help="centroids of the Lloyd round")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
                    help="cpu: a dry run of the script with gloo (tiny sizes advised)")
     args = p.parse_args()
@@ -166,12 +196,17 @@ def main() -> None:
           f"steps of batch 128 per method:")
     losses = check_methods(train.subset(torch.arange(args.check_images)), args.check_steps,
                            args.check_backbone, device)
+    lloyd = lloyd_round(args.lloyd_n, args.lloyd_k, device)
+    print(f"\nsharded Lloyd round, {args.lloyd_n:,} x 128, K = {args.lloyd_k:,}: "
+          f"{lloyd['seconds']:.2f} s ({lloyd['flops'] / 1e12:.1f} TFLOP/s, the cost model's GPU_FLOPS)")
     dist.destroy_process_group()
 
     print(f"\nSimCLR step, batch {args.batch_size}, views on the GPU, median of {args.repeats} "
           f"windows of {args.steps} steps:")
     print(f"{'backbone':10}{'fp32 img/s':>12}{'bf16 img/s':>12}{'bf16/fp32':>10}")
-    headline: dict[str, float] = {"methods_ok": len(losses)}
+    headline: dict[str, float] = {"methods_ok": len(losses),
+                                  "lloyd_round_s": round(lloyd["seconds"], 3),
+                                  "gpu_flops": round(lloyd["flops"])}
     for backbone in args.backbones:
         rates = {prec: simclr_img_per_s(train, backbone, prec, args.batch_size, args.steps,
                                         args.repeats, device) for prec in ("fp32", "bf16")}

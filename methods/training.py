@@ -135,6 +135,8 @@ def train_epoch(method: Method, batches: Iterable[Batch], steps: int,
     autocast = autocast_for(device, precision)
     model.train()
     method.epoch = epoch
+    if total_epochs:  # the first step's forward reads it too, in a resumed run as in a fresh one
+        method.progress = epoch / total_epochs
     sums: dict[str, float] = {}
     counts: dict[str, int] = {}
     for step, cpu_batch in enumerate(batches):

@@ -58,6 +58,21 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--resume", metavar="SWEEP_DIR",
                    help="continue an interrupted sweep (its path is printed when it starts)")
     w.add_argument("--address", help="Ray cluster to join; default RAY_ADDRESS or an embedded local one")
+    n = sub.add_parser("plan", help="what a run or sweep will ask for and do, without training",
+                       description="Resources per worker and run, trials in parallel, the data "
+                       "loader, per-worker memory, and the E-step strategy with the estimated "
+                       "seconds of each (orchestration.cost_model). Starts nothing.")
+    n.add_argument("config", help="experiment YAML")
+    n.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[],
+                   metavar="KEY=VALUE", help="override config values (repeatable)")
+    n.add_argument("--space", help="a sweep's space YAML: also say how many trials run at once")
+    n.add_argument("--num-samples", type=int, default=16, help="the sweep's trials (default 16)")
+    n.add_argument("--max-concurrent", type=int, default=None, help="the sweep's --max-concurrent")
+    n.add_argument("--samples", type=int, help="assume this many training images")
+    n.add_argument("--cluster", metavar="CPU=96,GPU=8,...",
+                   help="assume a cluster of these resources (default: this machine)")
+    n.add_argument("--address", help="plan for the live Ray cluster at ADDR (joins it, starts nothing)")
+    n.add_argument("--json", action="store_true", help="print the plan as one JSON object")
     e = sub.add_parser("eval", help="evaluate a checkpoint (kNN, linear, AMI/NMI/ARI)",
                        description="Evaluate a protoray checkpoint file on its dataset's test split.")
     e.add_argument("checkpoint", help="a state.pt / final_checkpoint.pt written by protoray train, "
@@ -114,6 +129,36 @@ def print_metrics(metrics: dict[str, float]) -> None:
             if "test_" + n in metrics]
     if free:
         print("label-free   " + "  ".join(free))
+
+
+def _plan(args: argparse.Namespace) -> int:
+    import json
+
+    from orchestration.plan import describe, local_cluster, make_plan, num_samples_of, parse_cluster
+
+    cfg = load_config(args.config, args.overrides)
+    if args.space:
+        from orchestration.sweep import load_space, validate_space
+
+        validate_space(cfg.model_dump(mode="json"), load_space(args.space))
+    if args.address:
+        import ray
+
+        ray.init(address=args.address, log_to_driver=False, logging_level="ERROR")
+        cluster = {k: float(v) for k, v in ray.cluster_resources().items()
+                   if not k.startswith("node:") and k not in ("memory", "object_store_memory")}
+        multi_node = len([node for node in ray.nodes() if node["Alive"]]) > 1
+    else:
+        from orchestration.run import custom_resources, run_resources
+
+        runs = (args.max_concurrent or 2) if args.space else 1  # sweep's default: 2 at once
+        cluster = (parse_cluster(args.cluster) if args.cluster else
+                   {**custom_resources(cfg, runs), **local_cluster(runs * run_resources(cfg)["CPU"])})
+        multi_node = bool(args.cluster)  # an assumed cluster: the features cross the network
+    plan = make_plan(cfg, num_samples_of(cfg, args.samples), cluster, multi_node,
+                     args.num_samples if args.space else None, args.max_concurrent)
+    print(json.dumps(plan) if args.json else describe(plan))
+    return 0
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -221,7 +266,7 @@ def _write_dataset(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        commands = {"train": _train, "eval": _eval, "sweep": _sweep, "export": _export,
+        commands = {"train": _train, "eval": _eval, "sweep": _sweep, "export": _export, "plan": _plan,
                     "write-dataset": _write_dataset}
         return commands[args.command](args)
     except (ConfigError, FileNotFoundError, ValueError) as exc:

@@ -235,8 +235,8 @@ class ClusteringSection(Section):
     cpus: float = Field(1, gt=0, description="CPUs reserved for the prototype actor")
     strategy: Literal["auto", "gather", "sharded"] = Field(
         "auto", description="gather: the actor runs faiss on every worker's features; sharded: "
-        "Lloyd rounds with the features staying on their workers; auto: gather up to 1 GiB of "
-        "features (orchestration.prototypes.GATHER_LIMIT_BYTES)")
+        "Lloyd rounds with the features staying on their workers; auto: the cheaper by the cost "
+        "model of orchestration.cost_model (protoray plan prints both estimates)")
     # custom Ray resources the prototype actor asks for, which place it on the nodes started with
     # them (`ray start --resources '{"prototype_actor": 1}'`); empty: any node with a free CPU
     actor_resources: dict[str, float] = Field(default_factory=dict)

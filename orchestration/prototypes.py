@@ -12,10 +12,16 @@ Two strategies (``clustering.strategy``):
   ``methods.clustering.run_kmeans`` on the assembled matrix (faiss, one process).
 - sharded: Lloyd's k-means with the features staying on their workers. Per granularity and
   restart: an init round (the rows of a seeded sample of indices, from whichever rank holds
-  them), ``niter`` rounds in which every rank sends its ``ClusterSums`` against the current
-  centroids and the actor sums them and updates (``update_centroids``), then a final round whose
-  summed distances give phi. The actor holds K x D numbers per round, never N x D; each rank
-  keeps the cluster ids of its own images only.
+  them), ``niter`` rounds in which the ranks sum their ``ClusterSums`` against the current
+  centroids and the actor updates them (``update_centroids``: empty clusters split, seeded),
+  then a final round whose summed distances give phi. With the training process group the
+  ranks all-reduce the sums among themselves (``all_reduce_sums``: NCCL on GPUs, gloo on CPUs)
+  and rank 0 alone sends the total, so the actor receives one K x D payload per round at any
+  number of workers; without it (``reduce=None``) every rank sends its own and the actor sums
+  them. The actor never holds N x D; each rank keeps the cluster ids of its own images only.
+
+The actor logs per epoch the bytes of the payloads it received (``bytes_in``) and of the results
+it handed out (``bytes_out``, once per rank that fetched them).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import ray
 from methods.clustering.kmeans import run_kmeans
 from methods.clustering.lloyd import (
     MAX_POINTS_PER_CENTROID,
+    ClusterSums,
     init_indices,
     shard_sums,
     training_mask,
@@ -39,17 +46,6 @@ from methods.clustering.lloyd import (
 )
 from methods.clustering.prototypes import Prototypes, concentration_from_sums
 from orchestration.events import emit
-
-# clustering.strategy: auto gathers the features when they take at most this many bytes
-GATHER_LIMIT_BYTES = 2**30
-
-
-def choose_strategy(strategy: str, num_samples: int, dim: int) -> str:
-    """``gather`` or ``sharded``; ``auto`` gathers up to ``GATHER_LIMIT_BYTES`` of float32
-    features, where one faiss process is faster than the rounds' synchronisation."""
-    if strategy != "auto":
-        return strategy
-    return "gather" if num_samples * dim * 4 <= GATHER_LIMIT_BYTES else "sharded"
 
 
 @ray.remote(max_restarts=3, max_task_retries=3)
@@ -65,10 +61,13 @@ class PrototypeService:
         self.outcomes: dict[tuple, ray.ObjectRef] = {}  # round key -> ref of its result
         self.log: dict[int, dict] = {}  # epoch -> {"ref", "ranks", "seconds", ...}
         self.plugins = plugins  # orchestration.events: on_actor_estep
+        self.traffic: dict[int, list[int]] = {}  # epoch -> [bytes in, bytes out]
+        self.result_bytes: dict[tuple, int] = {}
 
     def contribute(self, key: tuple, rank: int, payload) -> None:
         """Keep this rank's payload for round ``key`` (``(kind, epoch, ...)``)."""
         self.payloads.setdefault(key, {})[rank] = payload
+        self.traffic.setdefault(key[1], [0, 0])[0] += payload_bytes(payload)
 
     def outcome(self, key: tuple, rank: int) -> list | None:
         """``[ref]`` to round ``key``'s result, computed on the first call once every rank has
@@ -86,6 +85,7 @@ class PrototypeService:
                                   self.num_clusters, self.temperature, self.seed, self.niter,
                                   self.nredo)
             self.outcomes[key] = ray.put(result)
+            self.result_bytes[key] = payload_bytes(result)
             self.payloads.pop(key)
             entry = self.log[epoch]
             entry["seconds"] += time.perf_counter() - start
@@ -95,15 +95,35 @@ class PrototypeService:
                 entry.update(ref=self.outcomes[key].hex(), encoded=encoded)
             # rounds of earlier epochs are done: keep only the newest epoch's
             self.outcomes = {k: r for k, r in self.outcomes.items() if k[1] >= epoch}
+            self.result_bytes = {k: b for k, b in self.result_bytes.items() if k[1] >= epoch}
         if key[0] in ("gather", "final") and rank not in self.log[key[1]]["ranks"]:
             self.log[key[1]]["ranks"].append(rank)
+        self.traffic.setdefault(key[1], [0, 0])[1] += self.result_bytes.get(key, 0)
         return [self.outcomes[key]]
 
     def history(self) -> dict[int, dict]:
+        """Per epoch: ranks, seconds, rounds, the answer's ref, ``bytes_in`` and ``bytes_out``."""
+        for epoch, entry in self.log.items():
+            entry["bytes_in"], entry["bytes_out"] = self.traffic.get(epoch, [0, 0])
         return self.log
 
     def pid(self) -> int:
         return os.getpid()
+
+
+def payload_bytes(value) -> int:
+    """Bytes of the arrays in a round's payload or result (nested tuples, lists, dataclasses);
+    an object ref counts as its id only (the gather strategy's features travel by reference,
+    through the object store)."""
+    if isinstance(value, np.ndarray):
+        return value.nbytes
+    if isinstance(value, (list, tuple)):
+        return sum(payload_bytes(v) for v in value)
+    if isinstance(value, ClusterSums):
+        return value.sums.nbytes + value.counts.nbytes + value.dist_sums.nbytes + 8
+    if isinstance(value, Prototypes):
+        return sum(payload_bytes(getattr(value, f)) for f in ("centroids", "density", "assignments"))
+    return 8  # a number, None, a ref's id
 
 
 def reduce_round(key: tuple, parts: list, num_clusters: list[int], temperature: float,
@@ -113,7 +133,8 @@ def reduce_round(key: tuple, parts: list, num_clusters: list[int], temperature: 
     gather: [indices_ref, features_ref, num_samples] -> Prototypes (faiss in this process).
     init: (positions in the seeded sample, their rows) -> the starting centroids ``[K, D]``.
     iter: (ClusterSums, centroids from rank 0, None from the others) -> (next centroids, this
-    assignment's objective).
+    assignment's objective); where the ranks all-reduced their sums, rank 0 sends the total and
+    the others None.
     final: the same payloads -> (unit centroids, phi, images clustered).
     """
     kind = key[0]
@@ -130,7 +151,8 @@ def reduce_round(key: tuple, parts: list, num_clusters: list[int], temperature: 
         for positions, rows in parts:
             centroids[positions] = rows
         return centroids
-    total = sum((sums for sums, _ in parts[1:]), parts[0][0])
+    given = [sums for sums, _ in parts if sums is not None]
+    total = sum(given[1:], given[0])
     if kind == "iter":
         split_seed = int(np.random.SeedSequence([seed, *key[1:]]).generate_state(1)[0])
         return update_centroids(total, parts[0][1], split_seed), total.objective
@@ -205,12 +227,22 @@ def gathered_prototypes(exchange: Exchange, epoch: int, indices: np.ndarray,
 
 def sharded_prototypes(exchange: Exchange, epoch: int, rank: int, indices: np.ndarray,
                        features: np.ndarray, num_samples: int, num_clusters: list[int],
-                       seed: int, niter: int, nredo: int, device: str = "faiss") -> Prototypes:
+                       seed: int, niter: int, nredo: int, device: str = "faiss",
+                       reduce: Callable[[ClusterSums], ClusterSums] | None = None) -> Prototypes:
     """The sharded strategy, run identically on every rank: k-means over every rank's features
     with only K x D numbers exchanged per round. Like faiss, the iterations see a seeded sample
     of at most ``MAX_POINTS_PER_CENTROID`` K points (``training_mask``) and restarts keep the
     lowest objective. Returns Prototypes whose assignments cover this rank's ``indices`` only.
-    ``device``: where this rank assigns its points (``shard_sums``: faiss, or its GPU)."""
+    ``device``: where this rank assigns its points (``shard_sums``: faiss, or its GPU).
+    ``reduce``: sums the ranks' ``ClusterSums`` among themselves (``all_reduce_sums``), so
+    only rank 0 sends them to the actor; None: every rank sends its own."""
+
+    def payload(sums: ClusterSums, centroids: np.ndarray) -> tuple:
+        if reduce is not None:
+            sums = reduce(sums)
+            return (sums, centroids) if rank == 0 else (None, None)
+        return sums, centroids if rank == 0 else None  # the centroids travel once, from rank 0
+
     start = time.perf_counter()
     if np.any(np.diff(indices) <= 0):  # sorted already when shards are r, r + W, ...: no copy
         order = np.argsort(indices)
@@ -229,13 +261,12 @@ def sharded_prototypes(exchange: Exchange, epoch: int, rank: int, indices: np.nd
             objective = float("inf")
             for it in range(niter):
                 sums, _ = shard_sums(sample, centroids, device)
-                # the centroids every rank holds travel once, from rank 0
-                lead = centroids if rank == 0 else None
-                centroids, objective = exchange(("iter", epoch, i, redo, it), (sums, lead))
+                centroids, objective = exchange(("iter", epoch, i, redo, it),
+                                                payload(sums, centroids))
             if objective < best_objective:
                 best, best_objective = centroids, objective
         sums, ids = shard_sums(features, best, device)
-        unit, phi, encoded = exchange(("final", epoch, i), (sums, best if rank == 0 else None))
+        unit, phi, encoded = exchange(("final", epoch, i), payload(sums, best))
         centroids_out.append(unit)
         density.append(phi)
         own.append(ids)

@@ -141,6 +141,26 @@ def cpus_per_run(cfg: ExperimentConfig) -> float:
     return 1 + s.num_workers * s.cpus_per_worker + actor + decode
 
 
+def run_resources(cfg: ExperimentConfig) -> dict[str, float]:
+    """Every Ray resource one run (or sweep trial) holds while it trains: ``cpus_per_run``'s
+    CPUs, a GPU per Train worker with ``scaling.use_gpu``, and the custom resources of the
+    workers and the prototype actor."""
+    need = {"CPU": cpus_per_run(cfg), **custom_resources(cfg)}
+    if cfg.scaling.use_gpu:
+        need["GPU"] = float(cfg.scaling.num_workers)
+    return need
+
+
+def runs_that_fit(need: dict[str, float], cluster: dict[str, float]) -> tuple[int, str]:
+    """How many runs each holding ``need`` fit in ``cluster``'s totals at once, and the resource
+    that limits them. Totals, not per node: a trial whose workers span nodes is placed by Ray;
+    on an autoscaling cluster the count is of the nodes up now (pass --max-concurrent to plan
+    for more)."""
+    counts = {name: int(cluster.get(name, 0) // amount) for name, amount in need.items() if amount > 0}
+    limit = min(counts, key=counts.get)
+    return counts[limit], limit
+
+
 def check_source(cfg: ExperimentConfig) -> TableSplits | None:
     """Before Ray starts: the training data exists and, for an image folder or parquet source,
     lists cleanly (one line naming the file otherwise) and, streamed, gives every worker a shard
@@ -160,6 +180,20 @@ def check_source(cfg: ExperimentConfig) -> TableSplits | None:
                           f"images, less than a per-worker batch of {per_rank}; or set fewer "
                           "scaling.num_workers, a smaller optim.batch_size, or data.loader: memory")
     return tables
+
+
+def print_plan(cfg: ExperimentConfig, tables: TableSplits | None, trials: int | None = None,
+               max_concurrent: int | None = None) -> None:
+    """``orchestration.plan.one_line`` for the cluster just joined (nothing when the training
+    set's size is not known without loading it)."""
+    from orchestration.plan import make_plan, one_line
+
+    size = len(tables.train) if tables is not None else cfg.train_size()
+    if size:
+        cluster = {k: float(v) for k, v in ray.cluster_resources().items()
+                   if not k.startswith("node:") and k not in ("memory", "object_store_memory")}
+        multi_node = len([node for node in ray.nodes() if node["Alive"]]) > 1
+        print(one_line(make_plan(cfg, size, cluster, multi_node, trials, max_concurrent)), flush=True)
 
 
 class RunInterrupted(RuntimeError):
@@ -185,6 +219,7 @@ def train(cfg: ExperimentConfig, address: str | None = None, evaluate: bool = Tr
     check_gpus(cfg, joining=bool(address or os.environ.get("RAY_ADDRESS")))
     ensure_ray(address, cpus_per_run(cfg), verbose, custom_resources(cfg))
     check_cluster(cfg)
+    print_plan(cfg, tables)
     tracking_uri = tracking.resolve_tracking_uri(cfg.tracking.tracking_uri)
     tracking.start_experiment(tracking_uri, cfg.tracking.experiment_name)
     name = tracking.run_name(cfg)

@@ -45,6 +45,9 @@ from orchestration.run import (
     custom_resources,
     ensure_ray,
     execute,
+    print_plan,
+    run_resources,
+    runs_that_fit,
 )
 from orchestration.tracking import resolve_tracking_uri
 
@@ -158,16 +161,20 @@ def _trainable(sweep_dir: str, cfg: ExperimentConfig):
                                tune.PlacementGroupFactory(bundles))
 
 
-def _concurrency(requested: int, cfg: ExperimentConfig) -> int:
-    """Trials at once, capped so that every running trial's Train workers fit beside all the
-    trials' reservations: Tune reserves only a trial's driver and actor, and a Train V2 run whose
-    workers cannot be placed waits forever."""
-    fits = int(ray.cluster_resources().get("CPU", 0) // cpus_per_run(cfg))
+def trials_in_parallel(requested: int, cfg: ExperimentConfig, cluster: dict[str, float]) -> int:
+    """Trials at once: at most ``requested``, and no more than ``cluster``'s resources hold
+    whole (``run_resources``: every Train worker's CPUs, GPUs and custom resources, the
+    prototype actor, the trial's driver). Tune reserves only a trial's driver and actor, and a
+    Train V2 run whose workers cannot be placed waits forever, so the count must be right before
+    the trials start. Raises ``ConfigError`` naming the resource when not even one fits."""
+    need = run_resources(cfg)
+    fits, limit = runs_that_fit(need, cluster)
     if fits < 1:
-        raise ConfigError(f"scaling: one trial needs {cpus_per_run(cfg):g} CPUs (driver, workers, "
-                          f"prototype actor); the cluster has {ray.cluster_resources().get('CPU', 0):g}")
+        raise ConfigError(f"scaling: one trial needs {need[limit]:g} {limit} (driver, workers, "
+                          f"prototype actor); the cluster has {cluster.get(limit, 0):g}")
     if fits < requested:
-        print(f"sweep: {fits} trial(s) at once, not {requested}: that is what the cluster's CPUs hold")
+        print(f"sweep: {fits} trial(s) at once, not {requested}: that is what the cluster's "
+              f"{limit} holds ({need[limit]:g} per trial)")
     return min(requested, fits)
 
 
@@ -219,12 +226,14 @@ def run_sweep(config: ExperimentConfig | str | Path, space: dict[str, Any], num_
         raise ConfigError(f"grace_period: must be between 1 and optim.epochs={cfg.optim.epochs}")
     base = _absolute(cfg)
     validate_space(base, space)
-    mode = check_metric(cfg, metric, mode, check_source(cfg))
+    tables = check_source(cfg)
+    mode = check_metric(cfg, metric, mode, tables)
     check_gpus(cfg, joining=bool(address or os.environ.get("RAY_ADDRESS")))
     ensure_ray(address, max_concurrent_trials * cpus_per_run(cfg),
                resources=custom_resources(cfg, max_concurrent_trials))
     check_cluster(cfg)
-    concurrent = _concurrency(max_concurrent_trials, cfg)
+    concurrent = trials_in_parallel(max_concurrent_trials, cfg, ray.cluster_resources())
+    print_plan(cfg, tables, num_samples, concurrent)
     uri = base["tracking"]["tracking_uri"]
     experiment_id = tracking.start_experiment(uri, cfg.tracking.experiment_name)
     with tracking.open_run(f"sweep-{tracking.run_name(cfg)}") as parent:

@@ -17,6 +17,7 @@ checkpoint.
 
 from __future__ import annotations
 
+import functools
 import tempfile
 import time
 import warnings
@@ -30,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from methods.base import Batch
+from methods.clustering.lloyd import all_reduce_sums
 from methods.clustering.prototypes import Prototypes
 from methods.encoders.batchnorm import broadcast_batchnorm_stats
 from methods.evaluation.knn import knn_accuracy
@@ -52,9 +54,9 @@ from orchestration.checkpoints import (
     save_state,
 )
 from orchestration.config import ExperimentConfig
+from orchestration.cost_model import choose_strategy
 from orchestration.events import announce_rounds, announce_steps, emit
 from orchestration.prototypes import (
-    choose_strategy,
     exchange_with,
     gathered_prototypes,
     sharded_prototypes,
@@ -130,12 +132,18 @@ def train_loop(config: dict) -> None:
             exchange = announce_rounds(exchange_with(service, rank, _barrier, all_ranks),
                                        plugins, rank)
             c, n = cfg.clustering, shard.num_images
-            if choose_strategy(c.strategy, n, features.shape[1]) == "gather":
+            multi_node = len([node for node in ray.nodes() if node["Alive"]]) > 1
+            if choose_strategy(cfg, n, features.shape[1], multi_node) == "gather":
                 prototypes = gathered_prototypes(exchange, epoch, indices, features, n)
             else:  # the features stay here; only K x D sums travel, round by round
+                # the ranks sum their cluster sums over the training group (NCCL, gloo): the
+                # actor then receives one K x D payload per round, not one per worker
+                reduce = (functools.partial(all_reduce_sums, device=device)
+                          if dist.is_initialized() else None)
                 prototypes = sharded_prototypes(
                     exchange, epoch, rank, indices, features, n, c.num_clusters, cfg.seed,
-                    c.niter, c.nredo, device=device if device.type == "cuda" else "faiss")
+                    c.niter, c.nredo, device=device if device.type == "cuda" else "faiss",
+                    reduce=reduce)
             del features
             metrics["estep_s"] = time.perf_counter() - start
             metrics["estep_wait_s"] = time.perf_counter() - waited
