@@ -149,13 +149,18 @@ def _plan(args: argparse.Namespace) -> int:
                    if not k.startswith("node:") and k not in ("memory", "object_store_memory")}
         multi_node = len([node for node in ray.nodes() if node["Alive"]]) > 1
     else:
-        from orchestration.run import custom_resources, run_resources
+        from orchestration.resources import custom_resources, run_resources
 
         runs = (args.max_concurrent or 2) if args.space else 1  # sweep's default: 2 at once
         cluster = (parse_cluster(args.cluster) if args.cluster else
                    {**custom_resources(cfg, runs), **local_cluster(runs * run_resources(cfg)["CPU"])})
         multi_node = bool(args.cluster)  # an assumed cluster: the features cross the network
-    plan = make_plan(cfg, num_samples_of(cfg, args.samples), cluster, multi_node,
+    tables = None
+    if not args.samples and cfg.train_size() is None:
+        from orchestration.run import check_source
+
+        tables = check_source(cfg)
+    plan = make_plan(cfg, num_samples_of(cfg, args.samples, tables), cluster, multi_node,
                      args.num_samples if args.space else None, args.max_concurrent)
     print(json.dumps(plan) if args.json else describe(plan))
     return 0

@@ -121,7 +121,7 @@ class DataSection(Section):
 
 
 class ModelSection(Section):
-    # methods.backbones.BACKBONES, or timm/<any name timm.list_models() gives>
+    # methods.encoders.backbones.BACKBONES, or timm/<any name timm.list_models() gives>
     backbone: str = "convnet"
 
     @field_validator("backbone")

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import os
 
+import ray
 import torch
 
-from orchestration.config import KNOWN_SHAPES, ConfigError, ExperimentConfig, input_shape
+from orchestration.builders import TableSplits
+from orchestration.config import ConfigError, ExperimentConfig, input_shape
 from orchestration.cost_model import config_estep_cost
-from orchestration.run import run_resources, runs_that_fit
+from orchestration.resources import run_resources, runs_that_fit
 
 MODEL_STATE_FACTOR = 4  # weights, gradients and two SGD momentum buffers (momentum encoder ~ 1 more)
 
@@ -133,19 +135,29 @@ def describe(plan: dict) -> str:
     return "\n".join(lines)
 
 
-def num_samples_of(cfg: ExperimentConfig, samples: int | None) -> int:
-    """``--samples``, else the built-in set's size, else the file source's listing."""
+def num_samples_of(cfg: ExperimentConfig, samples: int | None, tables=None) -> int:
+    """``--samples``, else the built-in set's size, else the file source's listing ``tables``
+    (``orchestration.run.check_source``); ``ConfigError`` when none is known."""
     if samples:
         return samples
     size = cfg.train_size()
     if size is not None:
         return size
-    if cfg.data.name in KNOWN_SHAPES and cfg.data.name != "torchvision":
-        raise ConfigError(f"--samples: the size of {cfg.data.name} is not known; give --samples N")
-    from orchestration.run import check_source
-
-    tables = check_source(cfg)
     if tables is None:
         raise ConfigError("--samples: give the number of training images (torchvision sources "
                           "are not listed before they load)")
     return len(tables.train)
+
+
+def print_plan(cfg: ExperimentConfig, tables: TableSplits | None, trials: int | None = None,
+               max_concurrent: int | None = None) -> None:
+    """``orchestration.plan.one_line`` for the cluster just joined (nothing when the training
+    set's size is not known without loading it)."""
+    size = len(tables.train) if tables is not None else cfg.train_size()
+    if size:
+        cluster = {k: float(v) for k, v in ray.cluster_resources().items()
+                   if not k.startswith("node:") and k not in ("memory", "object_store_memory")}
+        multi_node = len([node for node in ray.nodes() if node["Alive"]]) > 1
+        print(one_line(make_plan(cfg, size, cluster, multi_node, trials, max_concurrent)), flush=True)
+
+

@@ -37,18 +37,17 @@ from methods.evaluation.label_free import LABEL_FREE_MODES
 from orchestration import tracking
 from orchestration.builders import TableSplits
 from orchestration.config import ConfigError, ExperimentConfig, build_config, load_config, set_path
-from orchestration.run import (
+from orchestration.plan import print_plan
+from orchestration.resources import (
     check_cluster,
     check_gpus,
-    check_source,
     cpus_per_run,
     custom_resources,
     ensure_ray,
-    execute,
-    print_plan,
     run_resources,
     runs_that_fit,
 )
+from orchestration.run import check_source, execute
 from orchestration.tracking import resolve_tracking_uri
 
 METRIC = "knn_holdout"  # the default score trials are ranked by (ASHA, the table)

@@ -124,8 +124,9 @@ def test_regularizer_hyperparameters_join_the_method_and_round_trip():
 
 
 def test_bn_splits_bounds_only_a_split_batch():
-    """One image per worker is fine without slices; 64 slices of 128 images per worker are too."""
-    build_config({}, ["method.name=simclr", "optim.batch_size=2", "scaling.num_workers=2"])
+    """Two images per worker are fine without slices (one would leave BatchNorm a single value
+    per channel: test_unlabelled); 64 slices of 128 images per worker are too."""
+    build_config({}, ["method.name=simclr", "optim.batch_size=4", "scaling.num_workers=2"])
     build_config({}, ["method.bn_splits=64", "optim.batch_size=256", "scaling.num_workers=2"])
     with pytest.raises(ConfigError, match="method.bn_splits"):
         build_config({}, ["method.bn_splits=65", "optim.batch_size=256", "scaling.num_workers=2"])
@@ -222,7 +223,7 @@ def test_the_method_owns_its_prototype_schedule():
 
 
 def test_no_prototype_actor_cpu_for_methods_that_never_cluster():
-    from orchestration.run import cpus_per_run
+    from orchestration.resources import cpus_per_run
 
     pcl, simclr = build_config(), build_config({}, ["method.name=simclr"])
     assert cpus_per_run(pcl) == cpus_per_run(simclr) + pcl.clustering.cpus
@@ -238,7 +239,7 @@ def test_placement_resources_are_custom_and_positive(override, field):
 
 
 def test_an_embedded_cluster_offers_the_custom_resources_a_config_asks_for():
-    from orchestration.run import custom_resources
+    from orchestration.resources import custom_resources
 
     cfg = build_config({}, ["clustering.actor_resources={prototype_actor: 1}",
                             "scaling.worker_resources={train_slot: 1}", "scaling.num_workers=2"])
@@ -249,7 +250,7 @@ def test_an_embedded_cluster_offers_the_custom_resources_a_config_asks_for():
 
 
 def test_a_cluster_without_the_asked_resource_is_one_line(ray_cluster):
-    from orchestration.run import check_cluster
+    from orchestration.resources import check_cluster
 
     with pytest.raises(ConfigError, match=r"clustering.actor_resources: .*ray start --resources"):
         check_cluster(build_config({}, ["clustering.actor_resources={prototype_actor: 1}"]))

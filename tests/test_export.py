@@ -55,7 +55,7 @@ def _run_snippet(out: Path, monkeypatch) -> torch.nn.Module:
 
 
 @pytest.mark.parametrize(("backbone", "function"), [
-    ("convnet", "methods.backbones.build_backbone"),
+    ("convnet", "methods.encoders.backbones.build_backbone"),
     ("resnet18", "torchvision.models.resnet18"),
     ("timm/resnet18", "timm.create_model"),
 ])

@@ -37,6 +37,8 @@ def test_uniformity_of_antipodal_and_identical_points():
 def test_cluster_entropy_is_one_for_equal_sizes_and_zero_for_one_cluster():
     assert cluster_entropy(np.repeat(np.arange(4), 5), 4) == pytest.approx(1.0)
     assert cluster_entropy(np.zeros(20, dtype=int), 4) == pytest.approx(0.0)
+    assert cluster_entropy(np.array([-1, 0, 1, -1]), 2) == pytest.approx(1.0)  # -1: not clustered
+    assert math.isnan(cluster_entropy(np.full(3, -1), 2))
     assert cluster_entropy(np.array([0, 0, 0, 1]), 2) == pytest.approx(
         -(0.75 * math.log(0.75) + 0.25 * math.log(0.25)) / math.log(2))
 

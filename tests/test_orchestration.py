@@ -105,12 +105,13 @@ def test_killed_worker_and_killed_actor_are_recovered(ray_cluster, tiny_config, 
 def test_sharded_estep_survives_its_actor_and_a_worker_killed_mid_estep(ray_cluster, tiny_config,
                                                                          tmp_path):
     """Sharded k-means: the actor dies at the start of epoch 1's E-step; in epoch 2's, rank 1
-    dies as it enters Lloyd iteration 1, where rank 0 contributes and waits for it. The
+    dies as it enters Lloyd iteration 1 of the second granularity (half-way: by then epoch 1's
+    checkpoint is registered), where rank 0 contributes and waits for it. The
     restarted workers redo epoch 2 from its checkpoint: the finished rounds come back from the
     actor as they were (none is reduced twice), a stale contribution is replaced, and the run
     ends with every epoch once."""
     summary = train(tiny_config("clustering.strategy=sharded"), evaluate=False,
-                    plugins=[Faults(kill_actor_epoch=1, kill_round=("iter", 2, 0, 0, 1),
+                    plugins=[Faults(kill_actor_epoch=1, kill_round=("iter", 2, 1, 0, 1),
                             kill_rank=1, marker_dir=str(tmp_path))])
     assert (tmp_path / "actor_killed").exists() and (tmp_path / "worker_killed_in_round").exists()
     assert [step for step, _ in _history(summary, "loss")] == [0, 1, 2]

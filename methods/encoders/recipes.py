@@ -19,7 +19,10 @@ from typing import Any
 import torch.nn as nn
 
 # Constructors a recipe may name: a JSON file read from disk must not call arbitrary functions.
-ALLOWED_FUNCTIONS = ("torchvision.models.", "timm.create_model", "methods.backbones.build_backbone")
+ALLOWED_FUNCTIONS = ("torchvision.models.", "timm.create_model",
+                     "methods.encoders.backbones.build_backbone")
+# encoder.json files written before methods/ had rooms name the old module
+MOVED = {"methods.backbones.build_backbone": "methods.encoders.backbones.build_backbone"}
 ALLOWED_MODULES = ("torch.nn.",)
 
 
@@ -53,6 +56,7 @@ class Recipe:
 
 def _resolve(path: str, allowed: tuple[str, ...]):
     """The object at dotted ``path``; ``ValueError`` unless it starts with an allowed prefix."""
+    path = MOVED.get(path, path)
     if not path.startswith(allowed):
         raise ValueError(f"recipe names {path!r}; only {', '.join(allowed)} are allowed")
     module, _, name = path.rpartition(".")
@@ -102,5 +106,5 @@ def resnet_recipe(name: str, in_channels: int, small_images: bool) -> Recipe:
 
 def protoray_recipe(name: str, in_channels: int, image_size: int) -> Recipe:
     """One of protoray's own backbones (the convnets, ``vit_tiny``): needs this package."""
-    return Recipe("methods.backbones.build_backbone",
+    return Recipe("methods.encoders.backbones.build_backbone",
                   {"name": name, "in_channels": in_channels, "image_size": image_size})

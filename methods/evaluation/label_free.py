@@ -60,11 +60,15 @@ def uniformity(embeddings: np.ndarray | torch.Tensor, t: float = 2.0) -> float:
 
 
 def cluster_entropy(assignments: np.ndarray | torch.Tensor, num_clusters: int) -> float:
-    """Entropy of the sizes of ``num_clusters`` clusters given each image's cluster ``[N]``,
-    divided by ``log(num_clusters)``: 1.0 for equal sizes."""
+    """Entropy of the sizes of ``num_clusters`` clusters given each image's cluster ``[N]``
+    (-1 left out), divided by ``log(num_clusters)``: 1.0 for equal sizes; NaN when none."""
     if num_clusters < 2:
         raise ValueError(f"cluster_entropy needs at least 2 clusters, got {num_clusters}")
-    counts = torch.bincount(torch.as_tensor(assignments).long().flatten(), minlength=num_clusters)
+    ids = torch.as_tensor(assignments).long().flatten()
+    ids = ids[ids >= 0]  # -1: an image that was not clustered (unreadable, not encoded)
+    if len(ids) == 0:
+        return math.nan
+    counts = torch.bincount(ids, minlength=num_clusters)
     p = counts[counts > 0].double() / counts.sum()
     return float(-(p * p.log()).sum() / math.log(num_clusters))
 
