@@ -5,6 +5,7 @@
     protoray eval CHECKPOINT
     protoray export CHECKPOINT_OR_RUN --to DIR [--tracking-uri URI]
     protoray sweep CONFIG --space SPACE.yaml [--num-samples N] [--scheduler asha|none] [--metric M]
+                   [--search random|grid|optuna]
     protoray sweep --resume SWEEP_DIR
 
 Exit codes: 0 done, 2 bad configuration or input, 1 training failed or stopped.
@@ -47,6 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--scheduler", choices=["asha", "none"], default="asha",
                    help="asha: stop trials that fall behind early; none: run every trial to the end")
     w.add_argument("--max-concurrent", type=int, default=2, help="trials at once (default 2)")
+    w.add_argument("--search", choices=["random", "grid", "optuna"], default="random",
+                   help="random (default), grid (each choice combination once) or optuna (TPE)")
+    w.add_argument("--seed", type=int, default=None, help="seed of the search's sampling")
     w.add_argument("--metric", default="knn_holdout",
                    help="what ranks the trials: knn_holdout (default), probe_holdout, or a label-free "
                         "score for unlabelled images: rankme, alignment, uniformity, cluster_entropy")
@@ -169,6 +173,7 @@ def _plan(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from orchestration.console import quiet_libraries
     from orchestration.run import RunInterrupted, TrainingStopped, resume, train
+    from orchestration.tracking import redact
 
     if args.resume and (args.config or args.overrides):
         raise ConfigError("train --resume RUN_ID: the run's own config is used; drop CONFIG and "
@@ -194,13 +199,13 @@ def _train(args: argparse.Namespace) -> int:
         return 1
     except RunInterrupted as exc:
         print(f"\nprotoray: interrupted; continue with: protoray train --resume {exc.run_id} "
-              f"--tracking-uri {exc.tracking_uri}", file=sys.stderr)
+              f"--tracking-uri {redact(exc.tracking_uri)}", file=sys.stderr)
         return 130
     print()
     print_metrics(summary.metrics)
     if summary.checkpoint:
         print(f"\nFinal checkpoint: {summary.checkpoint}  (protoray eval takes this directory)")
-    uri = summary.tracking_uri
+    uri = redact(summary.tracking_uri)  # a password in the URI is never printed
     print(f"\nSee it in MLflow:  mlflow ui --backend-store-uri {uri} --workers 1"
           if uri.startswith("sqlite") else f"\nSee it in MLflow at {uri}")
     return 0
@@ -220,7 +225,7 @@ def _sweep(args: argparse.Namespace) -> int:
         table = run_sweep(cfg, load_space(args.space), num_samples=args.num_samples,
                       scheduler=args.scheduler, max_concurrent_trials=args.max_concurrent,
                       evaluate=not args.no_eval, address=args.address, metric=args.metric,
-                      mode=args.mode)
+                      mode=args.mode, search=args.search, seed=args.seed)
     print("\n" + format_table(table))
     return 0
 

@@ -122,12 +122,17 @@ def _check_backbone_is_the_embedding(loaded: Loaded, x: torch.Tensor) -> torch.T
 
 
 def export(source: str, out_dir: Path, tracking_uri: str | None = None) -> Exported:
-    """Write the backbone of ``source`` (checkpoint file, checkpoint directory or MLflow run id)
-    to ``out_dir``. ``FileNotFoundError`` for a missing path; ``ValueError`` (one line naming the
-    file or run) for a damaged or foreign file, an unknown run, a method without a single backbone,
+    """Write the backbone of ``source`` (checkpoint file, checkpoint directory, MLflow run id, or
+    a registered model ``models:/NAME@ALIAS`` / ``models:/NAME/VERSION``) to ``out_dir``.
+    ``FileNotFoundError`` for a missing path; ``ValueError`` (one line naming the file or run)
+    for a damaged or foreign file, an unknown run or model, a method without a single backbone,
     or an export that does not reload to the same embeddings."""
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"--to {out_dir} is a file; give a directory (created if missing)")
+    if source.startswith("models:/"):  # a registered model version, e.g. models:/NAME@best
+        from orchestration.tracking import registered_run_id
+
+        source = registered_run_id(source, tracking_uri or TrackingSection().tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(source)
         match = RUN_ID.fullmatch(source)

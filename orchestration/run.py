@@ -108,7 +108,8 @@ def train(cfg: ExperimentConfig, address: str | None = None, evaluate: bool = Tr
         epochs = f"{cfg.optim.epochs} epoch{'s' if cfg.optim.epochs != 1 else ''}"
         print(f"MLflow run {run_id} ({name}): {cfg.scaling.num_workers} workers, "
               f"{epochs}{'; resumed' if resume_run_id else ''}; if this process "
-              f"dies: protoray train --resume {run_id} --tracking-uri {tracking_uri}", flush=True)
+              f"dies: protoray train --resume {run_id} --tracking-uri "
+              f"{tracking.redact(tracking_uri)}", flush=True)
         try:
             if verbose:
                 return run_all()
@@ -172,7 +173,8 @@ def execute(cfg: ExperimentConfig, run_id: str, tracking_uri: str, evaluate: boo
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"experiment": cfg.model_dump(mode="json"), "prototype_service": service,
-                           "plugins": tuple(plugins), "stream": stream.info if stream else None},
+                           "plugins": tuple(plugins), "stream": stream.info if stream else None,
+                           "run_id": run_id, "tracking_uri": tracking_uri},
         datasets=stream.datasets if stream else None,
         dataset_config=stream.data_config if stream else None,
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
@@ -185,7 +187,8 @@ def execute(cfg: ExperimentConfig, run_id: str, tracking_uri: str, evaluate: boo
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             callbacks=[tracking.MLflowEpochLogger(tracking_uri, run_id), *callbacks]),
     )
-    result = trainer.fit()
+    with tracking.system_metrics(run_id, tracking_uri, "driver"):
+        result = trainer.fit()
     estep_log = {}
     if service is not None:
         estep_log = ray.get(service.history.remote())

@@ -31,7 +31,7 @@ import ray
 from mlflow.tracking import MlflowClient
 from ray import tune
 from ray.tune.search.basic_variant import BasicVariantGenerator
-from ray.tune.search.sample import Categorical, Domain, Float, Integer
+from ray.tune.search.sample import Categorical, Domain, Float, Function, Integer
 
 from methods.evaluation.label_free import LABEL_FREE_MODES
 from orchestration import tracking
@@ -68,6 +68,8 @@ def _probe_values(domain: Any) -> list[Any]:
         return [domain.lower, domain.upper - 1]  # randint's upper bound is exclusive
     if isinstance(domain, Float):
         return [domain.lower, domain.upper]
+    if isinstance(domain, Function):
+        return []  # tune.sample_from reads the other sampled values: checked in its trial
     if isinstance(domain, Domain):
         return [domain.sample() for _ in range(8)]
     return [domain]  # a constant
@@ -202,11 +204,42 @@ def check_metric(cfg: ExperimentConfig, metric: str, mode: str | None,
     return mode
 
 
+SEARCHES = ("random", "grid", "optuna")
+
+
+def search_algorithm(search: str, space: dict[str, Any], seed: int | None, concurrent: int):
+    """(Tune search algorithm, the space it samples) for ``--search``: random (Tune's variant
+    generator), grid (every ``choice`` as a grid: each combination once), optuna (Optuna's TPE
+    through Tune's ``OptunaSearch``, limited to ``concurrent`` suggestions at a time).
+    ``ConfigError`` naming the key a search cannot take."""
+    if search not in SEARCHES:
+        raise ConfigError(f"--search: must be one of {', '.join(SEARCHES)} (got {search!r})")
+    if search == "optuna":
+        from ray.tune.search import ConcurrencyLimiter
+        from ray.tune.search.optuna import OptunaSearch
+
+        for key, domain in space.items():
+            if isinstance(domain, (dict, Function)):
+                raise ConfigError(f"--search optuna: {key} is a grid or a sample_from; give it as "
+                                  "choice, uniform, loguniform or randint")
+        return ConcurrencyLimiter(OptunaSearch(seed=seed), max_concurrent=concurrent), space
+    if search == "grid":
+        grid = {}
+        for key, domain in space.items():
+            if isinstance(domain, Categorical):
+                domain = tune.grid_search(list(domain.categories))
+            elif isinstance(domain, Domain):
+                raise ConfigError(f"--search grid: {key} is a range; give it as choice or grid_search")
+            grid[key] = domain
+        space = grid
+    return BasicVariantGenerator(random_state=seed, max_concurrent=concurrent), space
+
+
 def run_sweep(config: ExperimentConfig | str | Path, space: dict[str, Any], num_samples: int = 16,
           scheduler: str = "asha", max_concurrent_trials: int = 2, evaluate: bool = True,
           grace_period: int = 1, reduction_factor: float = 3, seed: int | None = None,
-          address: str | None = None, metric: str = METRIC, mode: str | None = None
-          ) -> pd.DataFrame:
+          address: str | None = None, metric: str = METRIC, mode: str | None = None,
+          search: str = "random") -> pd.DataFrame:
     """Run ``num_samples`` trials of ``config`` over ``space``; one row per trial.
 
     ``metric`` (``METRIC_MODES``: the online kNN, or a label-free score for unlabelled images)
@@ -214,7 +247,10 @@ def run_sweep(config: ExperimentConfig | str | Path, space: dict[str, Any], num_
     stops trials whose metric falls behind at epochs grace_period, grace_period *
     reduction_factor, ...; "none" runs every trial to the end. The table has the sampled values,
     the best epoch's metric (``best_column``), epochs, status and the trial's MLflow run id.
-    ``seed`` makes the sampled configurations and their order reproducible.
+    ``seed`` makes the sampled configurations and their order reproducible. ``search``:
+    ``search_algorithm`` (grid runs each combination once, whatever ``num_samples``). The
+    parent run tags ``search``, ``scheduler`` and ``best_run_id``; the best trial's encoder is
+    registered as ``models:/<experiment>-encoder@best``.
     """
     cfg = config if isinstance(config, ExperimentConfig) else load_config(config)
     if scheduler not in ("asha", "none"):
@@ -227,6 +263,9 @@ def run_sweep(config: ExperimentConfig | str | Path, space: dict[str, Any], num_
     validate_space(base, space)
     tables = check_source(cfg)
     mode = check_metric(cfg, metric, mode, tables)
+    search_algorithm(search, space, seed, 1)  # refuse a space the search cannot take, before Ray
+    if search == "grid":
+        num_samples = 1
     check_gpus(cfg, joining=bool(address or os.environ.get("RAY_ADDRESS")))
     ensure_ray(address, max_concurrent_trials * cpus_per_run(cfg),
                resources=custom_resources(cfg, max_concurrent_trials))
@@ -241,12 +280,14 @@ def run_sweep(config: ExperimentConfig | str | Path, space: dict[str, Any], num_
         sweep_dir.mkdir(parents=True, exist_ok=True)
         (sweep_dir / SWEEP_FILE).write_text(json.dumps({
             "base": base, "parent_run_id": parent_id, "tracking_uri": uri, "evaluate": evaluate,
-            "experiment_id": experiment_id, "metric": metric, "mode": mode}))
+            "experiment_id": experiment_id, "metric": metric, "mode": mode,
+            "experiment_name": cfg.tracking.experiment_name}))
+        mlflow.set_tags({"search": search, "scheduler": scheduler})
         tracking.log_sweep_start(cfg, {
             "scheduler": scheduler, "num_samples": num_samples, "seed": seed,
             "max_concurrent_trials": max_concurrent_trials, "method": cfg.method.name,
             "grace_period": grace_period, "reduction_factor": reduction_factor, "metric": metric,
-            "mode": mode}, space, sweep_dir)
+            "mode": mode, "search": search}, space, sweep_dir)
         print(f"sweep {parent_id}: {num_samples} trials; resume with: protoray sweep --resume {sweep_dir}",
               flush=True)
         # stop_last_trials=False: a trial that reaches the last epoch ends by itself, so its final
@@ -254,11 +295,11 @@ def run_sweep(config: ExperimentConfig | str | Path, space: dict[str, Any], num_
         asha = tune.schedulers.ASHAScheduler(time_attr=EPOCHS, max_t=cfg.optim.epochs,
                                              grace_period=grace_period,
                                              reduction_factor=reduction_factor, stop_last_trials=False)
+        algorithm, sampled = search_algorithm(search, space, seed, concurrent)
         tuner = tune.Tuner(
-            _trainable(str(sweep_dir), cfg), param_space=dict(space),
+            _trainable(str(sweep_dir), cfg), param_space=dict(sampled),
             tune_config=tune.TuneConfig(metric=metric, mode=mode, num_samples=num_samples,
-                                        search_alg=BasicVariantGenerator(random_state=seed,
-                                                                         max_concurrent=concurrent),
+                                        search_alg=algorithm,
                                         scheduler=asha if scheduler == "asha" else None),
             run_config=tune.RunConfig(name=sweep_dir.name, storage_path=str(sweep_dir.parent)),
         )
@@ -301,14 +342,31 @@ def _finish(results: tune.ResultGrid, sweep_dir: Path) -> pd.DataFrame:
         best = pick((m.value for m in history if not math.isnan(m.value)), default=math.nan)
         status = "error" if result.error else ("finished" if epochs >= max_epochs else "stopped early")
         if child and child.info.status == "RUNNING":  # stopped by Tune or failed mid-function
-            tracking.close_trial_run(client, child.info.run_id, status)
+            reason = str(result.error).strip().splitlines()[-1] if result.error else ""
+            tracking.close_trial_run(client, child.info.run_id, status, reason)
         rows.append({**result.config, column: best, "epochs": epochs, "status": status,
                      "trial_id": trial_id, "mlflow_run_id": child.info.run_id if child else None})
     table = pd.DataFrame(rows).sort_values(column, ascending=mode == "min", na_position="last")
     table = table.reset_index(drop=True)
     keys = [k for k in results[0].config] if len(results) else []
     tracking.log_sweep_table(table, column, _plot(table, keys, column))
+    _mark_best(table, column, spec)
     return table
+
+
+def _mark_best(table: pd.DataFrame, column: str, spec: dict) -> None:
+    """Tag the parent run with the best finished trial's run id and register its encoder as
+    ``models:/<experiment>-encoder@best`` (nothing when no trial finished with a score)."""
+    done = table[(table["status"] == "finished") & table[column].notna()
+                 & table["mlflow_run_id"].notna()]
+    if done.empty:
+        return
+    best = str(done.iloc[0]["mlflow_run_id"])  # the table is sorted best first
+    mlflow.set_tag("best_run_id", best)
+    uri = tracking.register_encoder(best, spec.get("experiment_name", "protoray"))
+    mlflow.set_tag("best_model", uri)
+    print(f"sweep: best trial run {best} ({column} {done.iloc[0][column]:.4g}); encoder "
+          f"registered as {uri}")
 
 
 def _plot(table: pd.DataFrame, keys: list[str], column: str = "best_knn"):

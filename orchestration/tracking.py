@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import json
 import math
+import re
 import time
 import warnings
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any
 import mlflow
 import torch
 from mlflow.entities import Metric
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from ray.train import UserCallback
 
@@ -48,6 +50,22 @@ def resolve_tracking_uri(uri: str) -> str:
 def numeric(metrics: dict) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items()
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+
+
+# user:password@ in a URI, and secret-looking query parameters or key: value pairs
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^:/@\s]*):[^@/\s]+@")
+_SECRET = re.compile(r"(?i)(?P<key>(?:password|passwd|token|secret|api[_-]?key|access[_-]?key)"
+                     r"[\w-]*)(?P<sep>=|:\s*)[^&\s'\"]+")
+
+
+def redact(value):
+    """``value`` with credentials masked, for anything recorded or printed: a URI's password
+    (``https://alice:***@host``) and the values of ``token=``, ``password=``, ``api_key=``...
+    (``token=***``). Non-strings are returned as they are."""
+    if not isinstance(value, str):
+        return value
+    value = _USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:***@", value)
+    return _SECRET.sub(lambda m: f"{m['key']}{m['sep']}***", value)
 
 
 def run_name(cfg: ExperimentConfig) -> str:
@@ -101,11 +119,11 @@ def log_run_start(run_id: str, cfg: ExperimentConfig, loader: str = "memory",
     workers, ``memory`` or ``stream``; ``STORAGE_TAG``: the checkpoints' absolute storage path,
     which ``--resume`` reads), the config file and the dataset as the run's input."""
     client = MlflowClient()
-    mlflow.log_params({k: json.dumps(v) if isinstance(v, (list, dict)) else v
+    mlflow.log_params({k: redact(json.dumps(v) if isinstance(v, (list, dict)) else v)
                        for k, v in cfg.flat().items()}, run_id=run_id)
     for key, value in {**run_tags(cfg), "loader": loader, STORAGE_TAG: storage}.items():
-        client.set_tag(run_id, key, value)
-    mlflow.log_text(to_yaml(cfg), "config.yaml", run_id=run_id)
+        client.set_tag(run_id, key, redact(value))
+    mlflow.log_text(redact(to_yaml(cfg)), "config.yaml", run_id=run_id)
     _log_dataset(run_id, cfg)
 
 
@@ -230,7 +248,7 @@ def log_encoder(run_id: str, method: torch.nn.Module, channels: int, side: int) 
     context = contextlib.nullcontext() if active and active.info.run_id == run_id else \
         mlflow.start_run(run_id=run_id)
     with context:
-        mlflow.pytorch.log_model(
+        model_info = mlflow.pytorch.log_model(
             encoder, name=ENCODER_MODEL, input_example=example,
             signature=infer_signature(example, output),
             code_paths=[str(Path(methods.__file__).parent)],
@@ -239,6 +257,59 @@ def log_encoder(run_id: str, method: torch.nn.Module, channels: int, side: int) 
             serialization_format="pickle",
             # listed, not inferred: inference imports the model in a subprocess, slowly
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy"])
+    if not (active and active.info.run_id == run_id):
+        # leaving start_run() marked the run FINISHED; it is not: its evaluation comes next
+        MlflowClient().update_run(run_id, status="RUNNING")
+    return model_info
+
+
+def register_encoder(run_id: str, experiment_name: str, alias: str = "best") -> str:
+    """Register run ``run_id``'s ``encoder`` model as a new version of the registered model
+    ``<experiment_name>-encoder`` and point ``alias`` at it; returns ``models:/NAME@alias``."""
+    name = f"{experiment_name}-encoder"
+    version = mlflow.register_model(f"runs:/{run_id}/{ENCODER_MODEL}", name)
+    MlflowClient().set_registered_model_alias(name, alias, version.version)
+    return f"models:/{name}@{alias}"
+
+
+def registered_run_id(uri: str, tracking_uri: str) -> str:
+    """The run that logged the model version ``models:/NAME@ALIAS`` (or ``models:/NAME/N``);
+    ``ValueError`` (one line) for an unknown name, alias or version."""
+    client = MlflowClient(resolve_tracking_uri(tracking_uri))
+    rest = uri.removeprefix("models:/")
+    try:
+        if "@" in rest:
+            name, alias = rest.split("@", 1)
+            version = client.get_model_version_by_alias(name, alias)
+        else:
+            name, number = rest.rsplit("/", 1)
+            version = client.get_model_version(name, number)
+    except (MlflowException, ValueError) as exc:
+        raise ValueError(f"{uri}: no such registered model version in {tracking_uri} "
+                         f"({str(exc).splitlines()[0]})") from None
+    return version.run_id
+
+
+SYSTEM_METRICS_INTERVAL_S = 10.0  # MLflow's default sampling interval
+
+
+@contextlib.contextmanager
+def system_metrics(run_id: str | None, tracking_uri: str | None, node: str):
+    """MLflow's system-metrics monitor (CPU, memory, disk, network, and GPU where present) for
+    this process, logged to run ``run_id`` as ``system/<node>/...``: the driver and every Train
+    worker record their own. Nothing without a run id."""
+    if not run_id:
+        yield
+        return
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=SYSTEM_METRICS_INTERVAL_S,
+                                   node_id=node, tracking_uri=tracking_uri, resume_logging=True)
+    monitor.start()
+    try:
+        yield
+    finally:
+        monitor.finish()
 
 
 def stopped_reason(run_id: str) -> str | None:
@@ -290,12 +361,12 @@ def epoch_history(client: MlflowClient, run_id: str, keys: tuple[str, ...]
 def log_sweep_start(cfg: ExperimentConfig, settings: dict[str, Any], space: dict[str, Any],
                     sweep_dir: Path) -> None:
     """On the active parent run: the sweep's settings, its space and base config."""
-    mlflow.log_params(settings)
-    mlflow.log_dict({k: repr(v) for k, v in space.items()}, "space.json")
-    mlflow.log_text(to_yaml(cfg), "base_config.yaml")
-    mlflow.set_tag("sweep_dir", str(sweep_dir))
+    mlflow.log_params({k: redact(v) for k, v in settings.items()})
+    mlflow.log_dict({k: redact(repr(v)) for k, v in space.items()}, "space.json")
+    mlflow.log_text(redact(to_yaml(cfg)), "base_config.yaml")
+    mlflow.set_tag("sweep_dir", redact(str(sweep_dir)))
     for key, value in run_tags(cfg).items():
-        mlflow.set_tag(key, value)
+        mlflow.set_tag(key, redact(value))
 
 
 def trial_runs(client: MlflowClient, experiment_id: str, parent_run_id: str) -> dict[str, Any]:
@@ -321,10 +392,13 @@ def open_trial_run(client: MlflowClient, experiment_id: str, parent_run_id: str,
     return run_id, False
 
 
-def close_trial_run(client: MlflowClient, run_id: str, status: str) -> None:
-    """``status``: finished, stopped early (ASHA) or error."""
+def close_trial_run(client: MlflowClient, run_id: str, status: str, reason: str = "") -> None:
+    """``status``: finished, stopped early (ASHA) or error; ``reason`` (an error's first line)
+    goes in the ``failure_reason`` tag of a FAILED run."""
     if status == "stopped early":
         client.set_tag(run_id, "stopped_early", "true")
+    if reason:
+        client.set_tag(run_id, "failure_reason", reason[:5000])
     client.set_terminated(run_id, {"finished": "FINISHED", "error": "FAILED"}.get(status, "KILLED"))
 
 

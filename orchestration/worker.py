@@ -62,6 +62,7 @@ from orchestration.prototypes import (
     sharded_prototypes,
 )
 from orchestration.shards import MemoryShard, StreamShard
+from orchestration.tracking import system_metrics
 
 
 def _barrier() -> None:
@@ -70,6 +71,12 @@ def _barrier() -> None:
 
 
 def train_loop(config: dict) -> None:
+    rank = ray.train.get_context().get_world_rank()
+    with system_metrics(config.get("run_id"), config.get("tracking_uri"), f"rank{rank}"):
+        _train_loop(config)
+
+
+def _train_loop(config: dict) -> None:
     cfg = ExperimentConfig.model_validate(config["experiment"])
     service = config.get("prototype_service")
     plugins = config.get("plugins") or ()

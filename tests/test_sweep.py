@@ -139,3 +139,68 @@ def test_killed_sweep_resumes_without_rerunning_or_duplicating(ray_cluster, tmp_
         if child.info.run_id in done_before:  # finished before the kill: not run again
             assert child.info.end_time == done_before[child.info.run_id]
     assert second.stdout.count("finished") == 2
+
+
+def test_conditional_and_searchable_spaces():
+    from orchestration.sweep import search_algorithm
+
+    base = load_config(TINY).model_dump(mode="json")
+    conditional = {"optim.lr": tune.choice([0.01, 0.05]),
+                   "optim.warmup_epochs": tune.sample_from(lambda spec: int(spec.config["optim.lr"] > 0.02))}
+    validate_space(base, conditional)  # sample_from reads the others: checked in its trial
+    with pytest.raises(ConfigError, match="--search optuna: optim.warmup_epochs"):
+        search_algorithm("optuna", conditional, 0, 2)
+    with pytest.raises(ConfigError, match="--search grid: optim.lr is a range"):
+        search_algorithm("grid", {"optim.lr": tune.uniform(0.01, 0.1)}, 0, 2)
+    _, grid = search_algorithm("grid", {"optim.lr": tune.choice([0.01, 0.05])}, 0, 2)
+    assert grid == {"optim.lr": {"grid_search": [0.01, 0.05]}}
+
+
+def test_credentials_are_redacted_in_params_config_and_tags(tmp_path):
+    import mlflow
+
+    from orchestration import tracking
+
+    cfg = load_config(TINY, [f"tracking.tracking_uri=sqlite:///{tmp_path}/mlruns.db",
+                             "data.root=https://alice:s3cret@data.example.com/images?token=t0k3n",
+                             "tracking.run_name=api_key=k3y"])
+    uri = tracking.resolve_tracking_uri(cfg.tracking.tracking_uri)
+    tracking.start_experiment(uri, "redact")
+    with mlflow.start_run() as run:
+        tracking.log_run_start(run.info.run_id, cfg)
+    client = MlflowClient(uri)
+    stored = client.get_run(run.info.run_id).data
+    config_yaml = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/config.yaml")
+    recorded = " ".join([*map(str, stored.params.values()), *stored.tags.values(), config_yaml])
+    for secret in ("s3cret", "t0k3n", "k3y"):
+        assert secret not in recorded
+    assert "https://alice:***@data.example.com" in stored.params["data.root"]
+
+
+@pytest.mark.slow
+def test_optuna_sweep_from_the_cli_registers_the_best_encoder(ray_cluster, tmp_path, capsys):
+    from orchestration.cli import main
+
+    space = tmp_path / "space.yaml"
+    space.write_text("method.temperature: {loguniform: [0.1, 0.5]}\n")
+    uri = f"sqlite:///{tmp_path}/mlruns.db"
+    assert main(["sweep", str(TINY), "--space", str(space), "--search", "optuna", "--seed", "0",
+                 "--num-samples", "2", "--scheduler", "none", "--set", "optim.epochs=2",
+                 "scaling.num_workers=1", f"tracking.tracking_uri={uri}",
+                 f"tracking.storage_path={tmp_path}/ray", "tracking.experiment_name=optuna"]) == 0
+    (parent,) = _parents(uri)
+    children = _children(uri, parent.info.run_id)
+    assert len(children) == 2
+    for child in children:
+        assert child.info.status == "FINISHED" and "test_knn" in child.data.metrics
+        assert any(key.startswith("system/") for key in child.data.metrics)  # MLflow system metrics
+    best = max(children, key=lambda c: max(m.value for m in MlflowClient(uri).get_metric_history(
+        c.info.run_id, "knn_holdout")))
+    tags = parent.data.tags
+    assert tags["search"] == "optuna" and tags["scheduler"] == "none"
+    assert tags["best_run_id"] == best.info.run_id
+    version = MlflowClient(uri).get_model_version_by_alias("optuna-encoder", "best")
+    assert version.run_id == best.info.run_id
+    assert main(["export", "models:/optuna-encoder@best", "--to", str(tmp_path / "enc"),
+                 "--tracking-uri", uri]) == 0
+    assert (tmp_path / "enc" / "encoder.safetensors").is_file()
