@@ -140,20 +140,25 @@ def eval_config(cfg: ExperimentConfig) -> ExperimentConfig | None:
     return cfg.model_copy(update={"data": cfg.eval_data, "eval_data": None})
 
 
-def labelled_splits(cfg: ExperimentConfig, channels: int, side: int, with_test: bool = False
-                    ) -> Splits | None:
+def labelled_splits(cfg: ExperimentConfig, channels: int, side: int, with_test: bool = False,
+                    own: Splits | None = None) -> Splits | None:
     """The labelled images kNN, probes and AMI/NMI/ARI are scored on: ``eval_data``'s splits
     converted to the trained encoder's ``channels`` and ``side`` (``match_images``), else the
-    training source's own where any image is labelled, else None (nothing to score)."""
+    training source's own (``own``, already loaded, else loaded here) where its training and
+    test (or hold-out) images are labelled, else None (nothing to score). ``ValueError`` for
+    an ``eval_data`` set without labels."""
     other = eval_config(cfg)
-    splits = load_splits(other or cfg, with_test)
-    if other is not None:
+    if other is None:
+        splits = own or load_splits(cfg, with_test)
+    else:
+        splits = load_splits(other, with_test)
         splits = Splits(*(None if part is None else match_images(part, channels, side)
                           for part in (splits.train, splits.holdout, splits.test)))
         if not splits.train.is_labelled:
             raise ValueError(f"eval_data: {cfg.eval_data.name} at {cfg.eval_data.root} has no "
                              "labels; give a labelled set (class sub-folders, a label column)")
-    return splits if splits.train.is_labelled else None
+    queries = splits.test or splits.holdout
+    return splits if splits.train.is_labelled and queries.is_labelled else None
 
 
 def match_images(dataset: ImageDataset, channels: int, side: int) -> ImageDataset:

@@ -148,10 +148,10 @@ def _plan(args: argparse.Namespace) -> int:
     if args.address:
         import ray
 
+        from orchestration.resources import live_cluster
+
         ray.init(address=args.address, log_to_driver=False, logging_level="ERROR")
-        cluster = {k: float(v) for k, v in ray.cluster_resources().items()
-                   if not k.startswith("node:") and k not in ("memory", "object_store_memory")}
-        multi_node = len([node for node in ray.nodes() if node["Alive"]]) > 1
+        cluster, multi_node = live_cluster()
     else:
         from orchestration.resources import custom_resources, run_resources
 

@@ -76,12 +76,8 @@ def evaluate_checkpoint(checkpoint_file: Path, out_dir: Path, cfg: ExperimentCon
     sample = own_test.subset(torch.arange(min(LABEL_FREE_SAMPLE, len(own_test))))
     metrics = ({f"test_{k}": v for k, v in encoder_scores(method, sample.images, cfg.seed).items()}
                if len(sample) >= 2 else {})
-    if cfg.eval_data is not None:
-        labelled = labelled_splits(cfg, channels, side, with_test=True)
-    else:
-        labelled = splits if splits.train.is_labelled and own_test.is_labelled else None
+    labelled = labelled_splits(cfg, channels, side, with_test=True, own=splits)
     artifacts: list[Path] = []
-    test_x = None
     if labelled is not None:
         train, test = labelled.train, labelled.test or labelled.holdout
         # the images' own side even where data.view_size trained on smaller views (FixRes); the

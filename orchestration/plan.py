@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import os
 
-import ray
 import torch
 
 from orchestration.builders import TableSplits
 from orchestration.config import ConfigError, ExperimentConfig, input_shape
 from orchestration.cost_model import config_estep_cost
-from orchestration.resources import run_resources, runs_that_fit
+from orchestration.resources import live_cluster, run_resources, runs_that_fit
 
 MODEL_STATE_FACTOR = 4  # weights, gradients and two SGD momentum buffers (momentum encoder ~ 1 more)
 
@@ -41,10 +40,10 @@ def local_cluster(cpus_needed: float) -> dict[str, float]:
             "GPU": float(torch.cuda.device_count())}
 
 
-def cluster_embed_dim(cfg: ExperimentConfig) -> int:
-    """Width of the features the E-step clusters (a forward of two images on the CPU)."""
+def cluster_embed_dim(cfg: ExperimentConfig, method) -> int:
+    """Width of the features ``method`` (built from ``cfg``) clusters: a forward of two images
+    on the CPU."""
     channels, side = input_shape(cfg.data)
-    method = cfg.build_method(channels, side)
     method.eval()
     with torch.no_grad():
         return int(method.cluster_embed(torch.zeros(2, channels, cfg.data.view_size or side,
@@ -76,7 +75,7 @@ def make_plan(cfg: ExperimentConfig, num_samples: int, cluster: dict[str, float]
         plan["trials_in_parallel"] = max(0, min(fits, num_trials, max_concurrent or num_trials))
     schedule = cfg.method.schedule()
     if schedule is not None:
-        dim = cluster_embed_dim(cfg)
+        dim = cluster_embed_dim(cfg, method)
         cost = config_estep_cost(cfg, num_samples, dim, multi_node)
         strategy = cfg.clustering.strategy if cfg.clustering.strategy != "auto" else cost.cheaper
         plan["estep"] = {
@@ -155,9 +154,7 @@ def print_plan(cfg: ExperimentConfig, tables: TableSplits | None, trials: int | 
     set's size is not known without loading it)."""
     size = len(tables.train) if tables is not None else cfg.train_size()
     if size:
-        cluster = {k: float(v) for k, v in ray.cluster_resources().items()
-                   if not k.startswith("node:") and k not in ("memory", "object_store_memory")}
-        multi_node = len([node for node in ray.nodes() if node["Alive"]]) > 1
+        cluster, multi_node = live_cluster()
         print(one_line(make_plan(cfg, size, cluster, multi_node, trials, max_concurrent)), flush=True)
 
 

@@ -125,3 +125,11 @@ def runs_that_fit(need: dict[str, float], cluster: dict[str, float]) -> tuple[in
     counts = {name: int(cluster.get(name, 0) // amount) for name, amount in need.items() if amount > 0}
     limit = min(counts, key=counts.get)
     return counts[limit], limit
+
+
+def live_cluster() -> tuple[dict[str, float], bool]:
+    """The joined Ray cluster's schedulable resources (CPU, GPU, custom; not memory or the
+    per-node ``node:`` markers) and whether it has more than one alive node."""
+    resources = {k: float(v) for k, v in ray.cluster_resources().items()
+                 if not k.startswith("node:") and k not in ("memory", "object_store_memory")}
+    return resources, len([node for node in ray.nodes() if node["Alive"]]) > 1

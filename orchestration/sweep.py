@@ -197,6 +197,9 @@ def check_metric(cfg: ExperimentConfig, metric: str, mode: str | None,
     if cfg.data.knn_holdout < 1:
         raise ConfigError("data.knn_holdout: a sweep scores trials on the hold-out slice; set it >= 1")
     unlabelled = cfg.data.labels == "none" or (tables is not None and tables.unlabelled)
+    if metric == "probe_holdout" and cfg.eval_data is not None:
+        raise ConfigError("--metric probe_holdout: the online probe is off with eval_data (its "
+                          "classes are not the training source's); sweep on knn_holdout")
     if metric in LABELLED_METRICS and cfg.eval_data is None and unlabelled:
         raise ConfigError(f"--metric {metric} needs labels, and {cfg.data.root} has none: sweep "
                           f"on a label-free score (--metric rankme, alignment, uniformity) or "

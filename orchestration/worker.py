@@ -61,6 +61,7 @@ from orchestration.prototypes import (
     gathered_prototypes,
     sharded_prototypes,
 )
+from orchestration.resources import live_cluster
 from orchestration.shards import MemoryShard, StreamShard
 from orchestration.tracking import system_metrics
 
@@ -139,8 +140,7 @@ def _train_loop(config: dict) -> None:
             exchange = announce_rounds(exchange_with(service, rank, _barrier, all_ranks),
                                        plugins, rank)
             c, n = cfg.clustering, shard.num_images
-            multi_node = len([node for node in ray.nodes() if node["Alive"]]) > 1
-            if choose_strategy(cfg, n, features.shape[1], multi_node) == "gather":
+            if choose_strategy(cfg, n, features.shape[1], live_cluster()[1]) == "gather":
                 prototypes = gathered_prototypes(exchange, epoch, indices, features, n)
             else:  # the features stay here; only K x D sums travel, round by round
                 # the ranks sum their cluster sums over the training group (NCCL, gloo): the
