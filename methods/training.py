@@ -100,6 +100,26 @@ def make_optimizer(method: Method, cfg: OptimConfig, steps_per_epoch: int, epoch
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
+def load_optimizer_state(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR,
+                         optimizer_state: dict, scheduler_state: dict) -> None:
+    """Restore a checkpoint's optimizer and schedule at their step, keeping the hyperparameters
+    ``optimizer`` was built with (lr, momentum, weight decay).
+
+    A run resumed unchanged is unaffected. A PBT exploit restarts from another trial's
+    checkpoint with perturbed values, and ``load_state_dict`` would bring back the donor's: the
+    schedule's position (its multiplier of the base lr) is kept and rescaled to the new base lr.
+    """
+    built = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    optimizer.load_state_dict(optimizer_state)
+    scheduler.load_state_dict(scheduler_state)
+    for group, fresh in zip(optimizer.param_groups, built, strict=True):
+        position = group["lr"] / group["initial_lr"]  # the schedule's multiplier at this step
+        group.update({k: v for k, v in fresh.items() if k != "lr"})
+        group["lr"] = fresh["initial_lr"] * position
+    scheduler.base_lrs = [fresh["initial_lr"] for fresh in built]
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
 def autocast_for(device: str | torch.device, precision: str) -> torch.autocast:
     """bfloat16 autocast on ``device`` for ``precision="bf16"``, a disabled one for fp32."""
     if precision not in PRECISIONS:

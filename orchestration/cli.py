@@ -4,7 +4,7 @@
     protoray train --resume RUN_ID [--tracking-uri URI] [--address ADDR]
     protoray eval CHECKPOINT
     protoray export CHECKPOINT_OR_RUN --to DIR [--tracking-uri URI]
-    protoray sweep CONFIG --space SPACE.yaml [--num-samples N] [--scheduler asha|none] [--metric M]
+    protoray sweep CONFIG --space SPACE.yaml [--num-samples N] [--scheduler asha|pbt|none] [--metric M]
                    [--search random|grid|optuna]
     protoray sweep --resume SWEEP_DIR
 
@@ -45,8 +45,12 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("config", nargs="?", help="experiment YAML the trials start from")
     w.add_argument("--space", help="YAML: config.path: {loguniform|uniform|randint|choice|grid_search: ...}")
     w.add_argument("--num-samples", type=int, default=16, help="trials to run (default 16)")
-    w.add_argument("--scheduler", choices=["asha", "none"], default="asha",
-                   help="asha: stop trials that fall behind early; none: run every trial to the end")
+    w.add_argument("--scheduler", choices=["asha", "pbt", "none"], default="asha",
+                   help="asha: stop trials that fall behind early; pbt: population-based training "
+                        "(exploit the best trials' checkpoints, perturb their values); none: run "
+                        "every trial to the end")
+    w.add_argument("--perturbation-interval", type=int, default=2,
+                   help="pbt: epochs between exploits (default 2)")
     w.add_argument("--max-concurrent", type=int, default=2, help="trials at once (default 2)")
     w.add_argument("--search", choices=["random", "grid", "optuna"], default="random",
                    help="random (default), grid (each choice combination once) or optuna (TPE)")
@@ -225,7 +229,8 @@ def _sweep(args: argparse.Namespace) -> int:
         table = run_sweep(cfg, load_space(args.space), num_samples=args.num_samples,
                       scheduler=args.scheduler, max_concurrent_trials=args.max_concurrent,
                       evaluate=not args.no_eval, address=args.address, metric=args.metric,
-                      mode=args.mode, search=args.search, seed=args.seed)
+                      mode=args.mode, search=args.search, seed=args.seed,
+                      perturbation_interval=args.perturbation_interval)
     print("\n" + format_table(table))
     return 0
 

@@ -233,6 +233,8 @@ class ClusteringSection(Section):
     niter: int = Field(20, ge=1)
     nredo: int = Field(5, ge=1, description="k-means restarts (PCL's official value is 5)")
     cpus: float = Field(1, gt=0, description="CPUs reserved for the prototype actor")
+    gpus: int = Field(0, ge=0, le=1, description="1: the prototype actor holds a GPU and runs the "
+                      "gathered k-means there in torch; 0: faiss on its clustering.cpus threads")
     strategy: Literal["auto", "gather", "sharded"] = Field(
         "auto", description="gather: the actor runs faiss on every worker's features; sharded: "
         "Lloyd rounds with the features staying on their workers; auto: the cheaper by the cost "
@@ -361,6 +363,10 @@ class ExperimentConfig(Section):
         per_worker = self.optim.batch_size // self.scaling.num_workers
         method.check_batch_size(per_worker)
         check_batchnorm_batch(method, per_worker)
+        if self.clustering.gpus and self.clustering.strategy == "sharded":
+            raise ValueError("clustering.gpus: the actor's GPU runs the gathered k-means, and "
+                             "clustering.strategy: sharded assigns on the workers; set "
+                             "clustering.gpus: 0 or clustering.strategy: auto or gather")
         if self.scaling.sync_batchnorm and not self.scaling.use_gpu:
             raise ValueError("scaling.sync_batchnorm: torch's SyncBatchNorm runs on GPUs only; set "
                              "scaling.use_gpu: true or scaling.sync_batchnorm: false")

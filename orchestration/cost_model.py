@@ -7,7 +7,8 @@ One Lloyd iteration assigns each point of the training sample to its nearest of 
 another ``2 N K D``; per granularity ``nredo`` restarts of ``niter`` iterations.
 
 - gather: the workers' N x D float32 features travel to the prototype actor (object store,
-  across the network from other nodes) and faiss runs there on ``clustering.cpus`` threads.
+  across the network from other nodes) and faiss runs there on ``clustering.cpus`` threads, or
+  the same arithmetic by matmul on its GPU (``clustering.gpus: 1``), its rounds in-process.
 - sharded: every worker does 1/W of the arithmetic on its own device (faiss on its CPUs, a
   matmul on its GPU), and each of the ``nredo (niter + 1) + 1`` rounds per granularity adds
   the round's fixed cost (Ray calls, the barrier), a ring all-reduce of the K x D float64 sums
@@ -55,14 +56,15 @@ def lloyd_flop(num_samples: int, k: int, dim: int, niter: int, nredo: int) -> fl
 
 def estep_cost(num_samples: int, dim: int, num_clusters: list[int], niter: int, nredo: int,
                workers: int, worker_gpu: bool, worker_cpus: float, actor_cpus: float,
-               multi_node: bool = True) -> EStepCost:
+               multi_node: bool = True, actor_gpu: bool = False) -> EStepCost:
     """Seconds of one E-step gathered on the actor and sharded over ``workers``.
 
     ``worker_gpu``: the workers assign on their GPUs (else faiss on ``worker_cpus`` threads
-    each); ``actor_cpus``: the actor's faiss threads; ``multi_node``: the features cross the
-    network to reach the actor (else the object store of one node)."""
+    each); ``actor_cpus``: the actor's faiss threads, unless ``actor_gpu`` (its GPU);
+    ``multi_node``: the features cross the network to reach the actor (else the object store
+    of one node)."""
     flop = sum(lloyd_flop(num_samples, k, dim, niter, nredo) for k in num_clusters)
-    actor_rate = CPU_FLOPS_PER_THREAD * max(1, int(actor_cpus))
+    actor_rate = GPU_FLOPS if actor_gpu else CPU_FLOPS_PER_THREAD * max(1, int(actor_cpus))
     link = min(NETWORK_BYTES_PER_S, OBJECT_STORE_BYTES_PER_S) if multi_node else \
         OBJECT_STORE_BYTES_PER_S
     gather = flop / actor_rate + num_samples * dim * 4 / link
@@ -83,7 +85,7 @@ def config_estep_cost(cfg, num_samples: int, dim: int, multi_node: bool) -> ESte
     ``orchestration.config.ExperimentConfig``)."""
     c, s = cfg.clustering, cfg.scaling
     return estep_cost(num_samples, dim, c.num_clusters, c.niter, c.nredo, s.num_workers,
-                      s.use_gpu, s.cpus_per_worker, c.cpus, multi_node)
+                      s.use_gpu, s.cpus_per_worker, c.cpus, multi_node, actor_gpu=c.gpus > 0)
 
 
 def choose_strategy(cfg, num_samples: int, dim: int, multi_node: bool) -> str:

@@ -9,7 +9,9 @@ the workers' barrier. The actor keeps nothing between rounds that a round needs:
 
 Two strategies (``clustering.strategy``):
 - gather: one round; each rank sends (indices, features) and the actor runs
-  ``methods.clustering.run_kmeans`` on the assembled matrix (faiss, one process).
+  ``methods.clustering.run_kmeans`` on the assembled matrix (faiss, one process), or, when it
+  holds a GPU (``clustering.gpus: 1``), the sharded algorithm below with one shard, assigning
+  by matmul on its GPU (``gather_on_device``).
 - sharded: Lloyd's k-means with the features staying on their workers. Per granularity and
   restart: an init round (the rows of a seeded sample of indices, from whichever rank holds
   them), ``niter`` rounds in which the ranks sum their ``ClusterSums`` against the current
@@ -51,8 +53,9 @@ from orchestration.events import emit
 @ray.remote(max_restarts=3, max_task_retries=3)
 class PrototypeService:
     def __init__(self, world_size: int, num_clusters: list[int], temperature: float, seed: int,
-                 niter: int = 20, nredo: int = 1, plugins: tuple = ()):
+                 niter: int = 20, nredo: int = 1, plugins: tuple = (), device: str = "faiss"):
         self.world_size = world_size
+        self.device = device  # the gather's k-means: faiss on CPU threads, or "cuda"
         self.num_clusters = list(num_clusters)
         self.temperature = temperature
         self.seed = seed
@@ -83,7 +86,7 @@ class PrototypeService:
             start = time.perf_counter()
             result = reduce_round(key, [parts[r] for r in range(self.world_size)],
                                   self.num_clusters, self.temperature, self.seed, self.niter,
-                                  self.nredo)
+                                  self.nredo, self.device)
             self.outcomes[key] = ray.put(result)
             self.result_bytes[key] = payload_bytes(result)
             self.payloads.pop(key)
@@ -127,10 +130,11 @@ def payload_bytes(value) -> int:
 
 
 def reduce_round(key: tuple, parts: list, num_clusters: list[int], temperature: float,
-                 seed: int, niter: int, nredo: int):
+                 seed: int, niter: int, nredo: int, device: str = "faiss"):
     """The result of round ``key`` from every rank's payload (``parts[r]`` from rank r).
 
-    gather: [indices_ref, features_ref, num_samples] -> Prototypes (faiss in this process).
+    gather: [indices_ref, features_ref, num_samples] -> Prototypes (faiss in this process, or
+    ``gather_on_device`` when ``device`` is a torch device).
     init: (positions in the seeded sample, their rows) -> the starting centroids ``[K, D]``.
     iter: (ClusterSums, centroids from rank 0, None from the others) -> (next centroids, this
     assignment's objective); where the ranks all-reduced their sums, rank 0 sends the total and
@@ -141,6 +145,9 @@ def reduce_round(key: tuple, parts: list, num_clusters: list[int], temperature: 
     if kind == "gather":
         num_samples = parts[0][2]
         present, features = assemble([ray.get(p[:2]) for p in parts], num_samples)
+        if device != "faiss":
+            return gather_on_device(present, features, num_samples, key[1], num_clusters,
+                                    temperature, seed, niter, nredo, device)
         found = run_kmeans(features, num_clusters, temperature, seed + key[1], niter, nredo)
         found.assignments = [expand(present, a, num_samples) for a in found.assignments]
         found.epoch, found.encoded = key[1], len(present)
@@ -272,6 +279,25 @@ def sharded_prototypes(exchange: Exchange, epoch: int, rank: int, indices: np.nd
         own.append(ids)
     return Prototypes(centroids_out, density, own, epoch=epoch, indices=indices,
                       seconds=time.perf_counter() - start, encoded=encoded)
+
+
+def gather_on_device(present: np.ndarray, features: np.ndarray, num_samples: int, epoch: int,
+                     num_clusters: list[int], temperature: float, seed: int, niter: int,
+                     nredo: int, device: str) -> Prototypes:
+    """The gathered k-means on the actor's GPU: ``sharded_prototypes`` with one shard (every
+    encoded image, ``present`` ``[n]`` and ``features`` ``[n, D]``), its rounds reduced here,
+    each assignment a matmul on ``device`` in blocks of ``chunk_rows``. The same seeds, sample
+    and restarts as the sharded strategy; assignments expanded to all ``num_samples`` (-1 where
+    not encoded)."""
+
+    def exchange(key: tuple, payload):
+        return reduce_round(key, [payload], num_clusters, temperature, seed, niter, nredo)
+
+    found = sharded_prototypes(exchange, epoch, 0, present, features, num_samples, num_clusters,
+                               seed, niter, nredo, device)
+    found.assignments = [expand(present, a, num_samples) for a in found.assignments]
+    found.indices = None
+    return found
 
 
 def sharded_in_threads(features: np.ndarray, world: int, num_clusters: list[int],

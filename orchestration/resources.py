@@ -47,14 +47,24 @@ def check_gpus(cfg: ExperimentConfig, joining: bool) -> None:
     answer is known before Ray starts: raise ``ConfigError`` naming the field. A cluster being
     joined may add GPU nodes by autoscaling; ``check_cluster`` says what it has."""
     s = cfg.scaling
-    if s.use_gpu and not joining:
+    actor = actor_gpus(cfg)
+    if (s.use_gpu or actor) and not joining:
         import torch
 
         found = torch.cuda.device_count()
-        if found < s.num_workers:
+        if s.use_gpu and found < s.num_workers:
             raise ConfigError(f"scaling.use_gpu: {s.num_workers} workers need {s.num_workers} "
                               f"GPUs and this machine has {found}; set scaling.use_gpu: false or "
                               "join a GPU cluster with --address")
+        if found < s.num_workers * s.use_gpu + actor:
+            raise ConfigError(f"clustering.gpus: the prototype actor needs a GPU besides the "
+                              f"workers' and this machine has {found}; set clustering.gpus: 0 "
+                              "or join a GPU cluster with --address")
+
+
+def actor_gpus(cfg: ExperimentConfig) -> int:
+    """GPUs the prototype actor holds: ``clustering.gpus`` for methods that cluster."""
+    return cfg.clustering.gpus if cfg.method.schedule() is not None else 0
 
 
 def check_cluster(cfg: ExperimentConfig) -> None:
@@ -109,11 +119,12 @@ def cpus_per_run(cfg: ExperimentConfig) -> float:
 
 def run_resources(cfg: ExperimentConfig) -> dict[str, float]:
     """Every Ray resource one run (or sweep trial) holds while it trains: ``cpus_per_run``'s
-    CPUs, a GPU per Train worker with ``scaling.use_gpu``, and the custom resources of the
-    workers and the prototype actor."""
+    CPUs, a GPU per Train worker with ``scaling.use_gpu`` and the actor's ``clustering.gpus``,
+    and the custom resources of the workers and the prototype actor."""
     need = {"CPU": cpus_per_run(cfg), **custom_resources(cfg)}
-    if cfg.scaling.use_gpu:
-        need["GPU"] = float(cfg.scaling.num_workers)
+    gpus = cfg.scaling.num_workers * cfg.scaling.use_gpu + actor_gpus(cfg)
+    if gpus:
+        need["GPU"] = float(gpus)
     return need
 
 

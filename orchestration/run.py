@@ -142,23 +142,24 @@ def start_prototype_service(cfg: ExperimentConfig, run_id: str, plugins: tuple =
         return None
     c = cfg.clustering
     return PrototypeService.options(
-        name=f"prototypes-{run_id}", get_if_exists=True, num_cpus=c.cpus,
+        name=f"prototypes-{run_id}", get_if_exists=True, num_cpus=c.cpus, num_gpus=c.gpus,
         resources=c.actor_resources or None,
     ).remote(cfg.scaling.num_workers, c.num_clusters, schedule.temperature, cfg.seed, c.niter,
-             c.nredo, tuple(plugins))
+             c.nredo, tuple(plugins), "cuda" if c.gpus else "faiss")
 
 
 def execute(cfg: ExperimentConfig, run_id: str, tracking_uri: str, evaluate: bool = True,
             plugins: tuple = (), callbacks: tuple = (), storage_path: str | None = None,
             name: str | None = None, tables: TableSplits | None = None,
-            resumed: bool = False) -> RunSummary:
+            resumed: bool = False, initial_checkpoint: str | None = None) -> RunSummary:
     """The prototype actor, the TorchTrainer and the final evaluation, all recorded in the
     already-open MLflow run ``run_id``. ``train`` and every sweep trial go through here; a trial
     adds Tune's report callback and keeps its Train run under the sweep's directory.
 
     Re-running with the same ``name`` and storage resumes from the latest checkpoint (Train V2).
     ``tables`` is ``check_source``'s listing, made again here when not given. ``resumed``: the
-    run's start (params, config, dataset) is logged already.
+    run's start (params, config, dataset) is logged already. ``initial_checkpoint``: a
+    checkpoint directory a new Train run starts from (a PBT exploit's donor).
     """
     s = cfg.scaling
     if tables is None and cfg.data.name in STREAMED:
@@ -174,7 +175,8 @@ def execute(cfg: ExperimentConfig, run_id: str, tracking_uri: str, evaluate: boo
         train_loop,
         train_loop_config={"experiment": cfg.model_dump(mode="json"), "prototype_service": service,
                            "plugins": tuple(plugins), "stream": stream.info if stream else None,
-                           "run_id": run_id, "tracking_uri": tracking_uri},
+                           "run_id": run_id, "tracking_uri": tracking_uri,
+                           "initial_checkpoint": initial_checkpoint},
         datasets=stream.datasets if stream else None,
         dataset_config=stream.data_config if stream else None,
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,

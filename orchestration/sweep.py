@@ -34,9 +34,16 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 from ray.tune.search.sample import Categorical, Domain, Float, Function, Integer
 
 from methods.evaluation.label_free import LABEL_FREE_MODES
-from orchestration import tracking
+from orchestration import sweep_plots, tracking
 from orchestration.builders import TableSplits
 from orchestration.config import ConfigError, ExperimentConfig, build_config, load_config, set_path
+from orchestration.pbt import (
+    TUNE_CHECKPOINTS,
+    check_pbt_space,
+    donor_checkpoint,
+    fit_reporting_checkpoints,
+    pbt_scheduler,
+)
 from orchestration.plan import print_plan
 from orchestration.resources import (
     check_cluster,
@@ -145,9 +152,36 @@ def _trial(params: dict[str, Any], sweep_dir: str) -> None:
         return
     # If this raises, or Tune stops the trial (ASHA), the run stays RUNNING here and the sweep's
     # driver closes it as FAILED or KILLED once it knows which.
-    execute(cfg, run_id, uri, evaluate=spec["evaluate"], callbacks=(_report_callback(),),
-            storage_path=str(Path(sweep_dir) / "train"), name=f"trial-{trial_id}")
+    storage = str(Path(sweep_dir) / "train")
+    if spec.get("scheduler") == "pbt":
+        _pbt_trial(cfg, params, run_id, trial_id, client, spec, storage)
+    else:
+        execute(cfg, run_id, uri, evaluate=spec["evaluate"], callbacks=(_report_callback(),),
+                storage_path=storage, name=f"trial-{trial_id}")
     tracking.close_trial_run(client, run_id, "finished")
+
+
+def _pbt_trial(cfg: ExperimentConfig, params: dict, run_id: str, trial_id: str,
+               client: MlflowClient, spec: dict, storage: str) -> None:
+    """A PBT trial's start: the first one trains from scratch; a later one (an exploit, or a
+    restart) starts a new Train run from the checkpoint Tune hands it, in the same MLflow run."""
+    start, donor = donor_checkpoint()
+    name = f"trial-{trial_id}"
+    if start is None:
+        tracking.log_pbt_values(client, run_id, params, 0)
+    else:  # a new Train run: the trial's own would resume from its own latest checkpoint
+        name = f"trial-{trial_id}-from-{donor['trial_id']}-e{donor['epoch']}"
+        if donor["trial_id"] != trial_id:
+            tracking.log_exploit(client, run_id, donor, params)
+            print(f"pbt: trial {trial_id} continues from trial {donor['trial_id']}'s epoch "
+                  f"{donor['epoch']} with {params}", flush=True)
+
+    def fit(callbacks: tuple) -> None:
+        execute(cfg, run_id, spec["tracking_uri"], evaluate=spec["evaluate"], callbacks=callbacks,
+                storage_path=storage, name=name, initial_checkpoint=start,
+                resumed=start is not None)
+
+    fit_reporting_checkpoints(fit, {"trial_id": trial_id, "run_id": run_id}, EPOCHS)
 
 
 def _trainable(sweep_dir: str, cfg: ExperimentConfig):
@@ -157,7 +191,8 @@ def _trainable(sweep_dir: str, cfg: ExperimentConfig):
     placement group from Train."""
     bundles = [{"CPU": 1}]
     if cfg.method.schedule() is not None:
-        bundles.append({"CPU": cfg.clustering.cpus, **cfg.clustering.actor_resources})
+        gpus = {"GPU": cfg.clustering.gpus} if cfg.clustering.gpus else {}
+        bundles.append({"CPU": cfg.clustering.cpus, **gpus, **cfg.clustering.actor_resources})
     return tune.with_resources(tune.with_parameters(_trial, sweep_dir=sweep_dir),
                                tune.PlacementGroupFactory(bundles))
 
@@ -177,6 +212,15 @@ def trials_in_parallel(requested: int, cfg: ExperimentConfig, cluster: dict[str,
         print(f"sweep: {fits} trial(s) at once, not {requested}: that is what the cluster's "
               f"{limit} holds ({need[limit]:g} per trial)")
     return min(requested, fits)
+
+
+def asha_scheduler(max_epochs: int, grace_period: int, reduction_factor: float):
+    """ASHA (Li et al. 2020) over epochs trained: stops a trial whose metric is not in the top
+    ``1 / reduction_factor`` at epochs ``grace_period * reduction_factor ** k``."""
+    # stop_last_trials=False: a trial that reaches the last epoch ends by itself, so its final
+    # evaluation and artifacts are logged instead of being cut off at its last report
+    return tune.schedulers.ASHAScheduler(time_attr=EPOCHS, max_t=max_epochs, grace_period=grace_period,
+                                         reduction_factor=reduction_factor, stop_last_trials=False)
 
 
 def best_column(metric: str) -> str:
@@ -208,6 +252,7 @@ def check_metric(cfg: ExperimentConfig, metric: str, mode: str | None,
 
 
 SEARCHES = ("random", "grid", "optuna")
+SCHEDULERS = ("asha", "pbt", "none")
 
 
 def search_algorithm(search: str, space: dict[str, Any], seed: int | None, concurrent: int):
@@ -242,13 +287,15 @@ def run_sweep(config: ExperimentConfig | str | Path, space: dict[str, Any], num_
           scheduler: str = "asha", max_concurrent_trials: int = 2, evaluate: bool = True,
           grace_period: int = 1, reduction_factor: float = 3, seed: int | None = None,
           address: str | None = None, metric: str = METRIC, mode: str | None = None,
-          search: str = "random") -> pd.DataFrame:
+          search: str = "random", perturbation_interval: int = 2) -> pd.DataFrame:
     """Run ``num_samples`` trials of ``config`` over ``space``; one row per trial.
 
     ``metric`` (``METRIC_MODES``: the online kNN, or a label-free score for unlabelled images)
     ranks the trials, better by ``mode`` (its known direction when None). ``scheduler``: "asha"
     stops trials whose metric falls behind at epochs grace_period, grace_period *
-    reduction_factor, ...; "none" runs every trial to the end. The table has the sampled values,
+    reduction_factor, ...; "pbt" (``orchestration.pbt``) exploits and perturbs the population
+    (``num_samples`` trials) every ``perturbation_interval`` epochs; "none" runs every trial to
+    the end. The table has the sampled values,
     the best epoch's metric (``best_column``), epochs, status and the trial's MLflow run id.
     ``seed`` makes the sampled configurations and their order reproducible. ``search``:
     ``search_algorithm`` (grid runs each combination once, whatever ``num_samples``). The
@@ -256,8 +303,8 @@ def run_sweep(config: ExperimentConfig | str | Path, space: dict[str, Any], num_
     registered as ``models:/<experiment>-encoder@best``.
     """
     cfg = config if isinstance(config, ExperimentConfig) else load_config(config)
-    if scheduler not in ("asha", "none"):
-        raise ConfigError(f"scheduler: must be 'asha' or 'none' (got {scheduler!r})")
+    if scheduler not in SCHEDULERS:
+        raise ConfigError(f"--scheduler: must be one of {', '.join(SCHEDULERS)} (got {scheduler!r})")
     if num_samples < 1 or max_concurrent_trials < 1:
         raise ConfigError("num_samples and max_concurrent_trials must be >= 1")
     if not 1 <= grace_period <= cfg.optim.epochs:
@@ -267,6 +314,8 @@ def run_sweep(config: ExperimentConfig | str | Path, space: dict[str, Any], num_
     tables = check_source(cfg)
     mode = check_metric(cfg, metric, mode, tables)
     search_algorithm(search, space, seed, 1)  # refuse a space the search cannot take, before Ray
+    if scheduler == "pbt":
+        check_pbt_space(space, perturbation_interval, cfg.optim.epochs, search)
     if search == "grid":
         num_samples = 1
     check_gpus(cfg, joining=bool(address or os.environ.get("RAY_ADDRESS")))
@@ -284,27 +333,27 @@ def run_sweep(config: ExperimentConfig | str | Path, space: dict[str, Any], num_
         (sweep_dir / SWEEP_FILE).write_text(json.dumps({
             "base": base, "parent_run_id": parent_id, "tracking_uri": uri, "evaluate": evaluate,
             "experiment_id": experiment_id, "metric": metric, "mode": mode,
-            "experiment_name": cfg.tracking.experiment_name}))
+            "experiment_name": cfg.tracking.experiment_name, "scheduler": scheduler}))
         mlflow.set_tags({"search": search, "scheduler": scheduler})
         tracking.log_sweep_start(cfg, {
             "scheduler": scheduler, "num_samples": num_samples, "seed": seed,
             "max_concurrent_trials": max_concurrent_trials, "method": cfg.method.name,
             "grace_period": grace_period, "reduction_factor": reduction_factor, "metric": metric,
-            "mode": mode, "search": search}, space, sweep_dir)
+            "mode": mode, "search": search, "perturbation_interval": perturbation_interval},
+            space, sweep_dir)
         print(f"sweep {parent_id}: {num_samples} trials; resume with: protoray sweep --resume {sweep_dir}",
               flush=True)
-        # stop_last_trials=False: a trial that reaches the last epoch ends by itself, so its final
-        # evaluation and artifacts are logged instead of being cut off at its last report
-        asha = tune.schedulers.ASHAScheduler(time_attr=EPOCHS, max_t=cfg.optim.epochs,
-                                             grace_period=grace_period,
-                                             reduction_factor=reduction_factor, stop_last_trials=False)
+        schedulers = {"asha": lambda: asha_scheduler(cfg.optim.epochs, grace_period, reduction_factor),
+                      "pbt": lambda: pbt_scheduler(space, perturbation_interval, EPOCHS),
+                      "none": lambda: None}
         algorithm, sampled = search_algorithm(search, space, seed, concurrent)
         tuner = tune.Tuner(
             _trainable(str(sweep_dir), cfg), param_space=dict(sampled),
             tune_config=tune.TuneConfig(metric=metric, mode=mode, num_samples=num_samples,
-                                        search_alg=algorithm,
-                                        scheduler=asha if scheduler == "asha" else None),
-            run_config=tune.RunConfig(name=sweep_dir.name, storage_path=str(sweep_dir.parent)),
+                                        search_alg=algorithm, scheduler=schedulers[scheduler]()),
+            run_config=tune.RunConfig(
+                name=sweep_dir.name, storage_path=str(sweep_dir.parent),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=TUNE_CHECKPOINTS)),
         )
         return _finish(tuner.fit(), sweep_dir)
 
@@ -334,25 +383,34 @@ def _finish(results: tune.ResultGrid, sweep_dir: Path) -> pd.DataFrame:
     max_epochs = spec["base"]["optim"]["epochs"]
     metric, mode = spec.get("metric", METRIC), spec.get("mode", "max")
     column, pick = best_column(metric), max if mode == "max" else min
-    rows = []
+    rows, curves, exploits = [], {}, {}
     for result in results:
         trial_id = (result.metrics or {}).get("trial_id") or "_".join(Path(result.path).name.split("_")[2:4])
         child = children.get(trial_id)
-        # MLflow holds every epoch of the trial, including those before a resume; Tune's history
-        # of a resumed trial starts at the resume.
+        # every epoch trained is one entry (a PBT trial may train an epoch number twice: its own,
+        # then the donor's); the last epoch reached says whether it finished
         history = client.get_metric_history(child.info.run_id, metric) if child else []
-        epochs = len({m.step for m in history})
+        history = sorted(history, key=lambda m: m.timestamp)
+        epochs = len(history)
         best = pick((m.value for m in history if not math.isnan(m.value)), default=math.nan)
-        status = "error" if result.error else ("finished" if epochs >= max_epochs else "stopped early")
+        reached = max((m.step + 1 for m in history), default=0)
+        status = "error" if result.error else ("finished" if reached >= max_epochs else "stopped early")
         if child and child.info.status == "RUNNING":  # stopped by Tune or failed mid-function
             reason = str(result.error).strip().splitlines()[-1] if result.error else ""
             tracking.close_trial_run(client, child.info.run_id, status, reason)
         rows.append({**result.config, column: best, "epochs": epochs, "status": status,
                      "trial_id": trial_id, "mlflow_run_id": child.info.run_id if child else None})
+        curves[trial_id] = [(m.step, m.value) for m in history]
+        exploits[trial_id] = sorted(int(k.removeprefix("exploit_e")) for k in
+                                    (child.data.tags if child else {}) if k.startswith("exploit_e"))
     table = pd.DataFrame(rows).sort_values(column, ascending=mode == "min", na_position="last")
     table = table.reset_index(drop=True)
     keys = [k for k in results[0].config] if len(results) else []
-    tracking.log_sweep_table(table, column, _plot(table, keys, column))
+    tracking.log_sweep_table(table, column, {
+        "sweep_knn.png" if column == "best_knn" else "sweep_metric.png":
+            sweep_plots.metric_by_value(table, keys, column),
+        "sweep_parallel_coordinates.png": sweep_plots.parallel_coordinates(table, keys, column),
+        "sweep_learning_curves.png": sweep_plots.learning_curves(curves, metric, exploits)})
     _mark_best(table, column, spec)
     return table
 
@@ -370,32 +428,6 @@ def _mark_best(table: pd.DataFrame, column: str, spec: dict) -> None:
     mlflow.set_tag("best_model", uri)
     print(f"sweep: best trial run {best} ({column} {done.iloc[0][column]:.4g}); encoder "
           f"registered as {uri}")
-
-
-def _plot(table: pd.DataFrame, keys: list[str], column: str = "best_knn"):
-    """The trials' best metric (``column``) against each swept value (categories on an index
-    axis)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, max(1, len(keys)), figsize=(4 * max(1, len(keys)), 3.2), squeeze=False)
-    for ax, key in zip(axes[0], keys, strict=False):
-        values = table[key]
-        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-            ax.scatter(values, table[column], c=table["epochs"], cmap="viridis")
-            if key.endswith("temperature"):
-                ax.set_xscale("log")
-        else:
-            labels = sorted({str(v) for v in values})
-            ax.scatter([labels.index(str(v)) for v in values], table[column], c=table["epochs"],
-                       cmap="viridis")
-            ax.set_xticks(range(len(labels)), labels, rotation=20, fontsize=7)
-        ax.set_xlabel(key)
-        ax.set_ylabel(f"{column.replace('_', ' ')} (colour: epochs run)")
-    fig.tight_layout()
-    return fig
 
 
 def format_table(table: pd.DataFrame) -> str:

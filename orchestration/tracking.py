@@ -392,6 +392,25 @@ def open_trial_run(client: MlflowClient, experiment_id: str, parent_run_id: str,
     return run_id, False
 
 
+def log_exploit(client: MlflowClient, run_id: str, donor: dict, values: dict) -> None:
+    """A PBT exploit on the trial's run: tag ``exploit_e<epoch>`` (the first epoch trained from
+    the donor's weights) = the donor's trial and run ids, its checkpoint's epoch and the new
+    values; numeric values also as ``pbt/<key>`` metrics at that epoch."""
+    epoch = int(donor["epoch"]) + 1
+    client.set_tag(run_id, f"exploit_e{epoch}", json.dumps(
+        {"donor_trial": donor["trial_id"], "donor_run_id": donor["run_id"],
+         "donor_epoch": donor["epoch"], "values": {k: redact(v) for k, v in values.items()}}))
+    log_pbt_values(client, run_id, values, epoch)
+
+
+def log_pbt_values(client: MlflowClient, run_id: str, values: dict, epoch: int) -> None:
+    """The trial's numeric hyperparameters from ``epoch`` on, as ``pbt/<key>`` metrics (a PBT
+    trial's schedule)."""
+    for key, value in values.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            client.log_metric(run_id, f"pbt/{key}", float(value), step=epoch)
+
+
 def close_trial_run(client: MlflowClient, run_id: str, status: str, reason: str = "") -> None:
     """``status``: finished, stopped early (ASHA) or error; ``reason`` (an error's first line)
     goes in the ``failure_reason`` tag of a FAILED run."""
@@ -402,11 +421,16 @@ def close_trial_run(client: MlflowClient, run_id: str, status: str, reason: str 
     client.set_terminated(run_id, {"finished": "FINISHED", "error": "FAILED"}.get(status, "KILLED"))
 
 
-def log_sweep_table(table, column: str, figure) -> None:
+def log_sweep_table(table, column: str, figures: dict) -> None:
     """On the active parent run: the trial table (sorted best first), the best trial's
-    ``column`` (``best_knn``, ``best_rankme``...), the trial-epochs and the plot."""
+    ``column`` (``best_knn``, ``best_rankme``...), the trial-epochs and ``figures``
+    (``{artifact file: matplotlib figure}``)."""
     mlflow.log_text(table.to_csv(index=False), "sweep_table.csv")
     best = table[column].dropna()
     mlflow.log_metrics({column: float(best.iloc[0]) if len(best) else float("nan"),
                         "trial_epochs": float(table["epochs"].sum())})
-    mlflow.log_figure(figure, "sweep_metric.png" if column != "best_knn" else "sweep_knn.png")
+    import matplotlib.pyplot as plt
+
+    for name, figure in figures.items():
+        mlflow.log_figure(figure, name)
+        plt.close(figure)

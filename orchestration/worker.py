@@ -41,6 +41,7 @@ from methods.training import (
     NonFiniteLossError,
     all_ranks,
     encode,
+    load_optimizer_state,
     make_optimizer,
     sum_over_ranks,
     train_epoch,
@@ -109,15 +110,18 @@ def _train_loop(config: dict) -> None:
 
     # --- resume from the latest checkpoint after a failure (all ranks restart together)
     start_epoch, prototypes, knn_sets = 0, None, None
+    # a PBT exploit starts a new Train run from the donor trial's checkpoint; after a failure in
+    # that run, Train's own latest checkpoint comes first
     checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and config.get("initial_checkpoint"):
+        checkpoint = ray.train.Checkpoint(config["initial_checkpoint"])
     if checkpoint:
         with checkpoint.as_directory() as directory:
             state = load_state(Path(directory) / CHECKPOINT_FILE)
             if method.rank_state() is not None:
                 method.load_rank_state(load_rank_state(Path(directory), rank, world))
         method.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        load_optimizer_state(optimizer, scheduler, state["optimizer"], state["scheduler"])
         if probe is not None and state.get("probe"):  # older checkpoints have none: a fresh one
             probe.load_checkpoint_state(state["probe"])
         method.generator.manual_seed(cfg.seed * 1000 + rank + 7919 * state["epoch"])

@@ -37,6 +37,7 @@ class Faults:
     kill_actor_epoch: the prototype actor exits when that epoch's E-step starts.
     nan_epoch: rank 0 poisons one weight before that epoch, so its loss is NaN.
     probe_dir: every rank saves its online probe there (``probe_rank_<r>.pt``) after each report.
+    weights_dir: rank 0 saves the method's state there (``epoch_<e>.pt``) as each epoch starts.
     """
 
     marker_dir: str = ""
@@ -47,8 +48,11 @@ class Faults:
     kill_actor_epoch: int | None = None
     nan_epoch: int | None = None
     probe_dir: str | None = None
+    weights_dir: str | None = None
 
     def on_epoch_start(self, epoch: int, rank: int, method) -> None:
+        if self.weights_dir and rank == 0:  # the weights each epoch starts from
+            torch.save(method.state_dict(), Path(self.weights_dir) / f"epoch_{epoch}.pt")
         if self.nan_epoch == epoch and rank == 0:
             with torch.no_grad():
                 next(method.parameters()).fill_(float("nan"))

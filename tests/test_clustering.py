@@ -220,3 +220,21 @@ def test_shard_sums_by_torch_matmul_equal_faiss():
     np.testing.assert_allclose(by_torch.sums, by_faiss.sums, rtol=1e-12)
     np.testing.assert_allclose(by_torch.dist_sums, by_faiss.dist_sums, rtol=1e-4)
     assert math.isclose(by_torch.objective, by_faiss.objective, rel_tol=1e-4)
+
+
+def test_torch_assignment_blocks_stay_within_their_byte_budget(monkeypatch):
+    """At K = 100k a full block of SUMS_CHUNK rows would be 26 GB on the GPU; the rows per block
+    shrink so [rows, K] float32 stays within DISTANCE_BYTES, and chunked sums are unchanged."""
+    from methods.clustering import lloyd as clustering
+
+    rows = clustering.chunk_rows(100_000, "cuda")
+    assert rows * 100_000 * 4 <= clustering.DISTANCE_BYTES and rows >= 1024
+    assert clustering.chunk_rows(100_000, "faiss") == clustering.SUMS_CHUNK
+    x = np.random.default_rng(0).normal(size=(1000, 8)).astype(np.float32)
+    centroids = x[:7].copy()
+    whole, ids = clustering.shard_sums(x, centroids, "cpu")
+    monkeypatch.setattr(clustering, "DISTANCE_BYTES", 7 * 4 * 50)  # blocks of 50 rows
+    assert clustering.chunk_rows(7, "cpu") == 50
+    chunked, chunked_ids = clustering.shard_sums(x, centroids, "cpu")
+    np.testing.assert_array_equal(chunked_ids, ids)
+    np.testing.assert_allclose(chunked.sums, whole.sums, rtol=1e-12)

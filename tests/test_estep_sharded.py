@@ -53,3 +53,35 @@ def test_sharded_estep_is_lloyd_with_the_lowest_objective_restart():
         ids, sq_dist = assign(x, best)
         np.testing.assert_allclose(found.density[g], concentration(sq_dist, ids, k, 0.2),
                                    atol=1e-6)
+
+
+def test_gather_on_a_gpu_actor_is_the_sharded_estep_with_one_shard():
+    """``clustering.gpus: 1``: the actor runs the sharded algorithm on its device over every
+    encoded image (here the CPU as the torch device). Same centroids, phi and assignments as one
+    rank of the sharded E-step, and -1 for an image no worker encoded."""
+    from methods.clustering.kmeans import run_kmeans
+    from orchestration.prototypes import gather_on_device
+
+    x = _features()
+    one = run_ranks(x, 1)[0]
+    present = np.arange(len(x))
+    found = gather_on_device(present, x, len(x), 0, NUM_CLUSTERS, 0.2, SEED, NITER, NREDO, "cpu")
+    for g in range(len(NUM_CLUSTERS)):
+        np.testing.assert_allclose(found.centroids[g], one.centroids[g], atol=1e-5)
+        np.testing.assert_allclose(found.density[g], one.density[g], atol=1e-6)
+        np.testing.assert_array_equal(found.assignments[g], one.assignments[g])
+    assert found.indices is None and found.encoded == len(x)
+    # as good a clustering as faiss's on the same features: within 2% of its objective
+    faiss_found = run_kmeans(x, NUM_CLUSTERS, 0.2, SEED, NITER, NREDO)
+    for g in range(len(NUM_CLUSTERS)):
+        ours, theirs = (((x - c[a]) ** 2).sum() for c, a in (
+            (_raw_centroids(x, found.assignments[g]), found.assignments[g]),
+            (_raw_centroids(x, faiss_found.assignments[g]), faiss_found.assignments[g])))
+        assert ours <= theirs * 1.02
+    missing = gather_on_device(present[1:], x[1:], len(x), 0, [6], 0.2, SEED, NITER, NREDO, "cpu")
+    assert missing.assignments[0][0] == -1 and (missing.assignments[0][1:] >= 0).all()
+
+
+def _raw_centroids(x: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    return np.stack([x[ids == j].mean(0) if (ids == j).any() else np.zeros(x.shape[1])
+                     for j in range(ids.max() + 1)])

@@ -110,3 +110,24 @@ def test_sweep_placement_on_a_live_cluster_with_logical_gpus():
     out = subprocess.run([sys.executable, "-c", LIVE], capture_output=True, text=True, cwd=ROOT,
                          check=True, timeout=300).stdout
     assert json.loads(out.strip().splitlines()[-1]) == {"trials": 1, "gpus": 2.0}
+
+
+def test_a_gpu_actor_gathers_imagenet_in_seconds_and_is_counted():
+    """clustering.gpus: 1 puts the gathered k-means on the actor's GPU: the plan's gather
+    estimate drops from hours to the GPU's rate plus moving the features; a sweep counts that GPU
+    per trial; this GPU-less machine refuses it before Ray, naming the field."""
+    from orchestration.resources import check_gpus, run_resources
+
+    cpu = config_estep_cost(load_config(ROOT / "configs" / "pcl_fashion_mnist.yaml", IMAGENET),
+                            1_281_167, 128, multi_node=True)
+    cfg = load_config(ROOT / "configs" / "pcl_fashion_mnist.yaml", [*IMAGENET, "clustering.gpus=1"])
+    gpu = config_estep_cost(cfg, 1_281_167, 128, multi_node=True)
+    assert gpu.gather_s * 100 < cpu.gather_s and gpu.sharded_s == cpu.sharded_s
+    assert run_resources(cfg)["GPU"] == cfg.scaling.num_workers + 1
+    tiny = load_config(ROOT / "configs" / "tiny_digits.yaml", ["clustering.gpus=1"])
+    assert run_resources(tiny)["GPU"] == 1
+    with pytest.raises(ConfigError, match="clustering.gpus"):
+        check_gpus(tiny, joining=False)
+    with pytest.raises(ConfigError, match="clustering.gpus"):
+        load_config(ROOT / "configs" / "tiny_digits.yaml",
+                    ["clustering.gpus=1", "clustering.strategy=sharded"])

@@ -12,7 +12,14 @@ from methods.data.datasets import load_digits
 from methods.data.views import view_spec
 from methods.encoders.backbones import build_backbone
 from methods.registry import build_method
-from methods.training import OptimConfig, epoch_batches, make_optimizer, memory_batches, train_epoch
+from methods.training import (
+    OptimConfig,
+    epoch_batches,
+    load_optimizer_state,
+    make_optimizer,
+    memory_batches,
+    train_epoch,
+)
 
 EPOCHS, BATCH, IMAGES = 3, 32, 192  # 6 steps an epoch
 OPTIM = OptimConfig(lr=0.05, warmup_epochs=2)  # the warm-up spans the resume
@@ -47,15 +54,15 @@ class Recorder(torch.nn.Module):
         return self.method(batch, prototypes)
 
 
-def _run(name: str, epochs: range, state: dict | None = None) -> tuple[list, dict]:
+def _run(name: str, epochs: range, state: dict | None = None, optim: OptimConfig = OPTIM
+         ) -> tuple[list, dict]:
     data = load_digits("train").subset(torch.arange(IMAGES))
     method = _method(name)
     steps = len(epoch_batches(len(data), BATCH, 0, 0))
-    optimizer, scheduler = make_optimizer(method, OPTIM, steps, EPOCHS)
+    optimizer, scheduler = make_optimizer(method, optim, steps, EPOCHS)
     if state:  # what orchestration.worker restores from a checkpoint
         method.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        load_optimizer_state(optimizer, scheduler, state["optimizer"], state["scheduler"])
     seen: list = []
     for epoch in epochs:
         batches = memory_batches(data, epoch_batches(len(data), BATCH, epoch, 0))
@@ -74,3 +81,14 @@ def test_schedules_continue_from_the_first_resumed_step(name):
     assert len(resumed) == len(after) > 0
     for step, (got, expected) in enumerate(zip(resumed, after, strict=True)):
         assert got == pytest.approx(expected, rel=1e-6), f"resumed step {step}"
+
+
+def test_a_restart_with_new_optimiser_values_keeps_the_schedule_position():
+    """A PBT exploit: the donor's checkpoint, restarted with lr x 4 and another momentum, runs
+    the donor's schedule from the same step at four times the lr, with the new momentum."""
+    continuous, _ = _run("simclr", range(EPOCHS))
+    _, checkpoint = _run("simclr", range(1))
+    perturbed = OptimConfig(lr=OPTIM.lr * 4, warmup_epochs=OPTIM.warmup_epochs, momentum=0.5)
+    resumed, _ = _run("simclr", range(1, EPOCHS), checkpoint, perturbed)
+    after = continuous[len(continuous) - len(resumed):]
+    assert [lr for lr, *_ in resumed] == pytest.approx([4 * lr for lr, *_ in after], rel=1e-6)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
@@ -92,7 +93,8 @@ def test_asha_sweep_stops_a_trial_and_nests_runs(ray_cluster, tiny_config):
         assert child.info.status == ("FINISHED" if row["status"] == "finished" else "KILLED")
         assert child.data.params["optim.lr"] == str(row["optim.lr"])
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"sweep_table.csv", "sweep_knn.png", "space.json", "base_config.yaml"} <= artifacts
+    assert {"sweep_table.csv", "sweep_knn.png", "sweep_parallel_coordinates.png",
+            "sweep_learning_curves.png", "space.json", "base_config.yaml"} <= artifacts
     assert parent.data.params["scheduler"] == "asha"
 
 
@@ -204,3 +206,23 @@ def test_optuna_sweep_from_the_cli_registers_the_best_encoder(ray_cluster, tmp_p
     assert main(["export", "models:/optuna-encoder@best", "--to", str(tmp_path / "enc"),
                  "--tracking-uri", uri]) == 0
     assert (tmp_path / "enc" / "encoder.safetensors").is_file()
+
+
+def test_sweep_figures_take_mixed_values_missing_scores_and_exploits():
+    import pandas as pd
+
+    from orchestration import sweep_plots
+
+    table = pd.DataFrame({"method.temperature": [0.05, 1.0, 0.1],
+                          "clustering.num_clusters": [[10, 20], [50], [10, 20]],
+                          "best_knn": [0.8, float("nan"), 0.7], "epochs": [3, 1, 3]})
+    keys = ["method.temperature", "clustering.num_clusters"]
+    figure = sweep_plots.parallel_coordinates(table, keys, "best_knn")
+    lines = figure.axes[0].get_lines()
+    assert len([ln for ln in lines if len(ln.get_xdata()) == 3]) == 3  # one line per trial
+    # temperature spans 20x, so its axis is logarithmic: 0.1 sits log10(2) / log10(20) up it
+    worst = next(ln for ln in lines if len(ln.get_xdata()) == 3 and ln.get_ydata()[2] == 0)
+    assert worst.get_ydata()[0] == pytest.approx(math.log10(2) / math.log10(20))
+    curves = sweep_plots.learning_curves({"a": [(0, 0.5), (1, 0.6), (1, 0.7), (2, 0.72)],
+                                          "b": [(0, 0.4)]}, "knn_holdout", {"a": [1], "b": []})
+    assert len(curves.axes[0].collections) == 1  # the exploit's star

@@ -50,13 +50,25 @@ def assign(features: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.
 
 
 SUMS_CHUNK = 65536  # rows per step: the float64 copy stays small however large the shard
+# bytes of the [rows, K] float32 distance block a torch assignment holds at once: at K = 100k a
+# full SUMS_CHUNK block would be 26 GB
+DISTANCE_BYTES = 1 << 30
+
+
+def chunk_rows(k: int, device: str | torch.device) -> int:
+    """Rows ``shard_sums`` assigns per step: ``SUMS_CHUNK``, fewer on a torch device so the
+    distance block stays within ``DISTANCE_BYTES`` whatever K (faiss blocks its own search)."""
+    if device == "faiss":
+        return SUMS_CHUNK
+    return max(1, min(SUMS_CHUNK, DISTANCE_BYTES // (4 * k)))
 
 
 def nearest_torch(centroids: torch.Tensor, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``nearest_faiss`` as one matmul on ``centroids``' device (a worker's GPU):
     ||x - c||^2 = ||x||^2 - 2 x.c + ||c||^2, clamped at 0 against rounding."""
     x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32)).to(centroids.device)
-    sq = (x * x).sum(1, keepdim=True) - 2 * x @ centroids.T + (centroids * centroids).sum(1)
+    norms = (x * x).sum(1, keepdim=True) + (centroids * centroids).sum(1)
+    sq = torch.addmm(norms, x, centroids.T, alpha=-2)  # two [rows, K] blocks in all: norms, sq
     sq_dist, ids = sq.clamp_min_(0).min(dim=1)
     return ids.cpu().numpy(), sq_dist.cpu().numpy()
 
@@ -64,7 +76,7 @@ def nearest_torch(centroids: torch.Tensor, features: np.ndarray) -> tuple[np.nda
 def shard_sums(features: np.ndarray, centroids: np.ndarray, device: str | torch.device = "faiss"
                ) -> tuple[ClusterSums, np.ndarray]:
     """This shard's ``ClusterSums`` against ``centroids`` ``[K, D]``, and its points' ids,
-    computed ``SUMS_CHUNK`` rows at a time. ``device``: ``"faiss"`` (an exact faiss search on
+    computed ``chunk_rows`` rows at a time. ``device``: ``"faiss"`` (an exact faiss search on
     the CPU) or a torch device such as ``"cuda"`` (a matmul there)."""
     k, d = centroids.shape
     if device == "faiss":
@@ -76,8 +88,9 @@ def shard_sums(features: np.ndarray, centroids: np.ndarray, device: str | torch.
     sums = torch.zeros(k, d, dtype=torch.float64)
     counts, dist_sums = np.zeros(k, dtype=np.int64), np.zeros(k)
     ids, objective = np.empty(len(features), dtype=np.int64), 0.0
-    for start in range(0, len(features), SUMS_CHUNK):
-        part = np.ascontiguousarray(features[start : start + SUMS_CHUNK])
+    rows = chunk_rows(k, device)
+    for start in range(0, len(features), rows):
+        part = np.ascontiguousarray(features[start : start + rows])
         part_ids, sq_dist = nearest(part)
         ids[start : start + len(part)] = part_ids
         # index_add_ rather than np.add.at: the same float64 sums, a fraction of the time
