@@ -18,6 +18,12 @@ Tests and CI run on CPU (gloo); this is the check that the same code runs unchan
    the GPU plus the all-reduce of its sums over the NCCL group (world size 1), median of 3; its
    FLOP rate is the ``GPU_FLOPS`` constant of ``orchestration/cost_model.py``.
 
+4. **The GPU prototype actor's gather** (``clustering.gpus: 1``): ``gather_on_device`` on
+   ``--gather-n`` x 128 features, K = 25,000, 5 iterations, one restart, on the GPU.
+5. **A PCL ResNet-50 step at 224 px** (batch ``--pcl-batch``, bf16): its FLOP counted by
+   ``torch.utils.flop_counter`` over the measured seconds, as a fraction of the card's bf16
+   peak (``--bf16-peak``): ``benchmarks/scale_model.py --gpu-fraction`` takes it.
+
 Run on a GPU machine: ``python benchmarks/gpu_check.py [--data-root DIR]``. It refuses to run
 without CUDA. The last line is JSON with the headline figures.
 """
@@ -167,6 +173,54 @@ def lloyd_round(n: int, k: int, device: str, dim: int = 128) -> dict[str, float]
     return {"seconds": seconds, "flops": 2 * n * k * dim / seconds}
 
 
+def gather_seconds(n: int, k: int, device: str) -> float:
+    """Seconds of the GPU actor's gathered k-means (5 iterations, 1 restart) on n x 128."""
+    import numpy as np
+
+    from orchestration.prototypes import gather_on_device
+
+    features = np.random.default_rng(0).standard_normal((n, 128), dtype=np.float32)
+    start = time.perf_counter()
+    gather_on_device(np.arange(n), features, n, 0, [k], 0.2, 0, niter=5, nredo=1, device=device)
+    sync(device)
+    return time.perf_counter() - start
+
+
+def pcl_resnet50_step(batch: int, device: str, steps: int = 10) -> dict[str, float]:
+    """A bf16 PCL ResNet-50 step at 224 px on random images: seconds (median after warm-up) and
+    FLOP per step (forward and backward, counted by torch)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    method = build_method("pcl", build_backbone("resnet50", 3, 224), view_spec("simclr", size=224),
+                          queue_size=16384, warmup_epochs=1).to(device, memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(method.parameters(), lr=0.03, momentum=0.9)
+    images = torch.randint(0, 256, (batch, 3, 224, 224), dtype=torch.uint8, device=device)
+    batch_data = Batch(torch.arange(batch, device=device), images,
+                       torch.zeros(batch, dtype=torch.long, device=device))
+    autocast = autocast_for(device, "bf16")
+
+    def step() -> None:
+        with autocast:
+            loss, _ = method(batch_data, None)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    with FlopCounterMode(display=False) as count:
+        step()
+    for _ in range(3):
+        step()
+    times = []
+    for _ in range(steps):
+        sync(device)
+        start = time.perf_counter()
+        step()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return {"seconds": statistics.median(times), "flop": float(count.get_total_flops())}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data-root", default=FASHION_MNIST_ROOT)
@@ -179,6 +233,10 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--lloyd-n", type=int, default=1_281_167, help="features of the Lloyd round")
     p.add_argument("--lloyd-k", type=int, default=25_000, help="centroids of the Lloyd round")
+    p.add_argument("--gather-n", type=int, default=400_000, help="features of the GPU actor's gather")
+    p.add_argument("--pcl-batch", type=int, default=64, help="per-GPU batch of the ResNet-50 step")
+    p.add_argument("--bf16-peak", type=float, default=989e12, help="the card's dense bf16 FLOP/s "
+                   "(H100 SXM 989e12; H200 the same)")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
                    help="cpu: a dry run of the script with gloo (tiny sizes advised)")
     args = p.parse_args()
@@ -213,6 +271,17 @@ def main() -> None:
         print(f"{backbone:10}{rates['fp32']:12.0f}{rates['bf16']:12.0f}"
               f"{rates['bf16'] / rates['fp32']:10.2f}", flush=True)
         headline.update({f"{backbone}_{k}_img_per_s": round(v) for k, v in rates.items()})
+
+    gather = gather_seconds(args.gather_n, 25_000, device)
+    print(f"\nGPU actor gather (clustering.gpus: 1), {args.gather_n:,} x 128, K = 25,000, 5 "
+          f"iterations: {gather:.2f} s")
+    pcl = pcl_resnet50_step(args.pcl_batch, device)
+    fraction = pcl["flop"] / pcl["seconds"] / args.bf16_peak
+    print(f"PCL ResNet-50 224 px bf16 step, batch {args.pcl_batch}: {pcl['seconds'] * 1e3:.0f} ms, "
+          f"{pcl['flop'] / pcl['seconds'] / 1e12:.0f} TFLOP/s = {fraction:.2f} of bf16 peak "
+          "(scale_model.py --gpu-fraction)")
+    headline.update({"gpu_gather_s": round(gather, 2), "pcl_resnet50_step_ms": round(pcl["seconds"] * 1e3, 1),
+                     "pcl_resnet50_fraction_of_peak": round(fraction, 3)})
     print(json.dumps(headline))
 
 

@@ -38,7 +38,6 @@ from orchestration import sweep_plots, tracking
 from orchestration.builders import TableSplits
 from orchestration.config import ConfigError, ExperimentConfig, build_config, load_config, set_path
 from orchestration.pbt import (
-    TUNE_CHECKPOINTS,
     check_pbt_space,
     donor_checkpoint,
     fit_reporting_checkpoints,
@@ -181,7 +180,8 @@ def _pbt_trial(cfg: ExperimentConfig, params: dict, run_id: str, trial_id: str,
                 storage_path=storage, name=name, initial_checkpoint=start,
                 resumed=start is not None)
 
-    fit_reporting_checkpoints(fit, {"trial_id": trial_id, "run_id": run_id}, EPOCHS)
+    fit_reporting_checkpoints(fit, {"trial_id": trial_id, "run_id": run_id}, EPOCHS,
+                              spec["perturbation_interval"])
 
 
 def _trainable(sweep_dir: str, cfg: ExperimentConfig):
@@ -333,7 +333,8 @@ def run_sweep(config: ExperimentConfig | str | Path, space: dict[str, Any], num_
         (sweep_dir / SWEEP_FILE).write_text(json.dumps({
             "base": base, "parent_run_id": parent_id, "tracking_uri": uri, "evaluate": evaluate,
             "experiment_id": experiment_id, "metric": metric, "mode": mode,
-            "experiment_name": cfg.tracking.experiment_name, "scheduler": scheduler}))
+            "experiment_name": cfg.tracking.experiment_name, "scheduler": scheduler,
+            "perturbation_interval": perturbation_interval}))
         mlflow.set_tags({"search": search, "scheduler": scheduler})
         tracking.log_sweep_start(cfg, {
             "scheduler": scheduler, "num_samples": num_samples, "seed": seed,
@@ -344,16 +345,15 @@ def run_sweep(config: ExperimentConfig | str | Path, space: dict[str, Any], num_
         print(f"sweep {parent_id}: {num_samples} trials; resume with: protoray sweep --resume {sweep_dir}",
               flush=True)
         schedulers = {"asha": lambda: asha_scheduler(cfg.optim.epochs, grace_period, reduction_factor),
-                      "pbt": lambda: pbt_scheduler(space, perturbation_interval, EPOCHS),
+                      "pbt": lambda: pbt_scheduler(space, perturbation_interval, EPOCHS,
+                                                   cfg.optim.epochs),
                       "none": lambda: None}
         algorithm, sampled = search_algorithm(search, space, seed, concurrent)
         tuner = tune.Tuner(
             _trainable(str(sweep_dir), cfg), param_space=dict(sampled),
             tune_config=tune.TuneConfig(metric=metric, mode=mode, num_samples=num_samples,
                                         search_alg=algorithm, scheduler=schedulers[scheduler]()),
-            run_config=tune.RunConfig(
-                name=sweep_dir.name, storage_path=str(sweep_dir.parent),
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=TUNE_CHECKPOINTS)),
+            run_config=tune.RunConfig(name=sweep_dir.name, storage_path=str(sweep_dir.parent)),
         )
         return _finish(tuner.fit(), sweep_dir)
 
@@ -385,7 +385,8 @@ def _finish(results: tune.ResultGrid, sweep_dir: Path) -> pd.DataFrame:
     column, pick = best_column(metric), max if mode == "max" else min
     rows, curves, exploits = [], {}, {}
     for result in results:
-        trial_id = (result.metrics or {}).get("trial_id") or "_".join(Path(result.path).name.split("_")[2:4])
+        # from the trial's directory: an exploited trial's metrics may be its donor's
+        trial_id = "_".join(Path(result.path).name.split("_")[2:4])
         child = children.get(trial_id)
         # every epoch trained is one entry (a PBT trial may train an epoch number twice: its own,
         # then the donor's); the last epoch reached says whether it finished

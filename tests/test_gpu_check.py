@@ -36,3 +36,14 @@ def test_gpu_check_sweep_runs_every_method_under_ddp_on_cpu():
         dist.destroy_process_group()
     assert set(losses) == set(available()) | {"simclr+icl_msr"}
     assert all(math.isfinite(v) for v in losses.values())
+
+
+def test_gpu_check_times_the_gpu_actor_gather_and_a_resnet50_step_on_cpu():
+    """The two timings the scale model and the GPU actor wait for, as a CPU dry run: they run and
+    count a ResNet-50 PCL step's FLOP in the range its architecture gives (about 4 forward passes
+    of 4.1 GMAC per image: query forward and backward, key forward)."""
+    gpu_check = _load_script()
+    assert gpu_check.gather_seconds(2000, 16, "cpu") > 0
+    step = gpu_check.pcl_resnet50_step(2, "cpu", steps=1)
+    per_image = step["flop"] / 2
+    assert 25e9 < per_image < 45e9 and step["seconds"] > 0
