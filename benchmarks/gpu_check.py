@@ -193,7 +193,8 @@ def pcl_resnet50_step(batch: int, device: str, steps: int = 10) -> dict[str, flo
 
     torch.manual_seed(0)
     method = build_method("pcl", build_backbone("resnet50", 3, 224), view_spec("simclr", size=224),
-                          queue_size=16384, warmup_epochs=1).to(device, memory_format=torch.channels_last)
+                          queue_size=16384, warmup_epochs=1, bn_splits=min(8, batch // 2)
+                          ).to(device, memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(method.parameters(), lr=0.03, momentum=0.9)
     images = torch.randint(0, 256, (batch, 3, 224, 224), dtype=torch.uint8, device=device)
     batch_data = Batch(torch.arange(batch, device=device), images,

@@ -128,13 +128,15 @@ def target(curves: dict) -> float:
 
 
 def run_pbt(curves: dict, seed: int, args) -> dict:
-    """One real PBT sweep: compute to reach, its trial-epochs, its best kNN."""
+    """One real PBT sweep, the whole population at once: compute to reach, its trial-epochs,
+    its best kNN."""
     with tempfile.TemporaryDirectory() as tmp:
         cfg = base_config(args, tmp)
-        start_ray(args)
+        ray.init(num_cpus=args.population * 3, include_dashboard=True, dashboard_host="127.0.0.1",
+                 log_to_driver=False)
         start = time.perf_counter()
         table = run_sweep(cfg, SPACE, num_samples=args.population, scheduler="pbt", evaluate=False,
-                          seed=seed, max_concurrent_trials=args.max_concurrent,
+                          seed=seed, max_concurrent_trials=args.population,
                           perturbation_interval=args.interval)
         wall = time.perf_counter() - start
         client = MlflowClient(cfg.tracking.tracking_uri)
@@ -186,8 +188,12 @@ def main() -> None:
     for search in ("random", "optuna"):
         runs = [replay(curves, search, seed, args) for seed in range(args.seeds)]
         rows[f"{search} + ASHA"] = {"reach": [r for r, _ in runs], "spent": [s for _, s in runs]}
+        print(f"{search} + ASHA: (to reach, spent) per seed {runs}", flush=True)
     ray.shutdown()
-    pbt = [run_pbt(curves, seed, args) for seed in range(args.seeds)]
+    pbt = []
+    for seed in range(args.seeds):
+        pbt.append(run_pbt(curves, seed, args))
+        print(f"PBT seed {seed}: {pbt[-1]}", flush=True)
     rows["PBT"] = {"reach": [r["reach"] for r in pbt], "spent": [r["trial_epochs"] for r in pbt]}
 
     print(f"\nPCL, {args.limit - 1000} images, {args.epochs} epochs; grid best {best:.4f}, "

@@ -232,6 +232,10 @@ def _sweep(args: argparse.Namespace) -> int:
                       mode=args.mode, search=args.search, seed=args.seed,
                       perturbation_interval=args.perturbation_interval)
     print("\n" + format_table(table))
+    if not (table["status"] == "finished").any():
+        print("protoray: no trial finished; their failure_reason tags in MLflow say why",
+              file=sys.stderr)
+        return 1
     return 0
 
 

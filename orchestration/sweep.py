@@ -323,6 +323,10 @@ def run_sweep(config: ExperimentConfig | str | Path, space: dict[str, Any], num_
                resources=custom_resources(cfg, max_concurrent_trials))
     check_cluster(cfg)
     concurrent = trials_in_parallel(max_concurrent_trials, cfg, ray.cluster_resources())
+    if scheduler == "pbt" and concurrent < num_samples:
+        print(f"sweep: PBT trains its population of {num_samples} together, {concurrent} at a "
+              "time here: the rest wait paused at each perturbation point (--max-concurrent "
+              f"{num_samples} where the cluster holds it)")
     print_plan(cfg, tables, num_samples, concurrent)
     uri = base["tracking"]["tracking_uri"]
     experiment_id = tracking.start_experiment(uri, cfg.tracking.experiment_name)
@@ -353,7 +357,12 @@ def run_sweep(config: ExperimentConfig | str | Path, space: dict[str, Any], num_
             _trainable(str(sweep_dir), cfg), param_space=dict(sampled),
             tune_config=tune.TuneConfig(metric=metric, mode=mode, num_samples=num_samples,
                                         search_alg=algorithm, scheduler=schedulers[scheduler]()),
-            run_config=tune.RunConfig(name=sweep_dir.name, storage_path=str(sweep_dir.parent)),
+            # a PBT trial that errors restarts from its latest checkpoint: synchronous PBT waits
+            # for every trial at each perturbation point, so one lost trial would stall them all
+            run_config=tune.RunConfig(name=sweep_dir.name, storage_path=str(sweep_dir.parent),
+                                      failure_config=tune.FailureConfig(
+                                          max_failures=cfg.scaling.max_failures
+                                          if scheduler == "pbt" else 0)),
         )
         return _finish(tuner.fit(), sweep_dir)
 
@@ -385,8 +394,10 @@ def _finish(results: tune.ResultGrid, sweep_dir: Path) -> pd.DataFrame:
     column, pick = best_column(metric), max if mode == "max" else min
     rows, curves, exploits = [], {}, {}
     for result in results:
-        # from the trial's directory: an exploited trial's metrics may be its donor's
-        trial_id = "_".join(Path(result.path).name.split("_")[2:4])
+        # from the trial's directory (``_trial_<id>_<n>_...``): an exploited trial's metrics may
+        # be its donor's; Optuna's ids have no underscore, the variant generator's have one
+        trial_id = next((t for t in children if Path(result.path).name.startswith(f"_trial_{t}_")),
+                        (result.metrics or {}).get("trial_id"))
         child = children.get(trial_id)
         # every epoch trained is one entry (a PBT trial may train an epoch number twice: its own,
         # then the donor's); the last epoch reached says whether it finished

@@ -105,7 +105,7 @@ def learning_curves(curves: dict[str, list[tuple[int, float]]], metric: str,
                 ax.scatter([epoch], hits[-1:], marker="*", s=80, color=line.get_color())
     ax.set_xlabel("epoch")
     ax.set_ylabel(metric.replace("_", " "))
-    if exploits:
+    if any((exploits or {}).values()):
         ax.set_title("star: the trial continued from a better trial's checkpoint", fontsize=8)
     if len(curves) <= 12:
         ax.legend(fontsize=6, ncol=2)
